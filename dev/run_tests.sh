@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every CPU test of llm.moe and prints one closing line "N passed, N failed, N skipped".
+# Called by `make test` (which builds the binaries first). Each test program prints lines that start
+# with "ok", "FAIL" or "skip"; this script counts them across programs. Exit code non-zero on any
+# failure, or when a program dies without printing its own summary.
+set -u
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-/usr/bin/python3}
+log=$(mktemp)
+status=0
+
+run() { # run a test program, keep its lines, note a crash
+    echo "== $*"
+    "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then echo "   ($* exited with $rc)"; status=1; fi
+}
+
+# 1. the PyTorch reference states: regenerated when torch is here, so reference and C never drift
+if "$PYTHON" -c "import torch" 2>/dev/null; then
+    run "$PYTHON" dev/reference/moe_reference.py --outdir dev/reference/states
+else
+    echo "skip reference-regeneration (no torch for $PYTHON: using the states committed in dev/reference/states)" | tee -a "$log"
+fi
+# 2. the C suites: fp32 against PyTorch and the rest, fp64 finite differences
+run ./test_moe
+run ./test_moe_f64
+# 3. the tokenizer against tiktoken (skips itself when tiktoken is missing)
+run "$PYTHON" dev/data/check_tokenizer.py
+# 4. the trainer binary: flags, bad input, resume
+run bash dev/test_cli.sh
+# 5. GPU tests are not run here
+echo "skip test-gpu (no GPU on this machine: run make test-gpu on the device)" | tee -a "$log"
+
+passed=$(grep -c '^ok' "$log")
+failed=$(grep -c '^FAIL' "$log")
+skipped=$(grep -c '^skip' "$log")
+rm -f "$log"
+[ "$failed" -eq 0 ] || status=1
+echo "$passed passed, $failed failed, $skipped skipped"
+exit $status

@@ -1,0 +1,731 @@
+/*
+CPU test suite of llm.moe (llm.c's pattern: #define TESTING, include the trainer).
+
+Compiled twice by the Makefile:
+  test_moe      fp32, the trainer as it runs: against the PyTorch debug states written by
+                dev/reference/moe_reference.py (logits, losses, every gradient, 10 AdamW steps),
+                E=1 vs the dense MLP, checkpoints, training state, dataloader, tokenizer, bad input
+  test_moe_f64  the same trainer source with float -> double (-DTEST_F64), for finite-difference
+                checks of the MoE layer's backward that resolve to ~1e-8 rather than float noise
+Each check prints one line: ok/FAIL, name, measured error and bound. Ends with
+"N passed, N failed" and a non-zero exit on any failure.
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <stdarg.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <limits.h>
+#include <assert.h>
+#include <dirent.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#include <ctype.h>
+#include <glob.h>
+#include <errno.h>
+#include <stddef.h>
+
+#ifdef TEST_F64
+// the whole trainer in double: every float becomes a double and the float maths calls become
+// their double versions (system headers are already included above, so they are untouched)
+#define float double
+#define sqrtf sqrt
+#define expf exp
+#define logf log
+#define tanhf tanh
+#define coshf cosh
+#define cosf cos
+#define powf pow
+#define strtof strtod
+#endif
+
+#define TESTING
+#include "train_gpt2_moe.c"
+
+static int tests_passed = 0, tests_failed = 0;
+
+static void check(int cond, const char* name, const char* fmt, ...) {
+    printf("%s %s", cond ? "ok  " : "FAIL", name);
+    if (fmt != NULL) {
+        va_list args;
+        va_start(args, fmt);
+        printf(" ");
+        vprintf(fmt, args);
+        va_end(args);
+    }
+    printf("\n");
+    if (cond) { tests_passed++; } else { tests_failed++; }
+}
+
+// max |a - b| over n
+static double max_abs_diff(const float* a, const float* b, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++) { double d = fabs((double)a[i] - (double)b[i]); if (d > m) { m = d; } }
+    return m;
+}
+static double max_abs(const float* a, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++) { if (fabs((double)a[i]) > m) { m = fabs((double)a[i]); } }
+    return m;
+}
+
+static const char* param_names[NUM_PARAMETER_TENSORS] = {
+    "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b", "fcw", "fcb",
+    "fcprojw", "fcprojb", "routerw", "expfcw", "expfcb", "expprojw", "expprojb", "lnfw", "lnfb"};
+
+static char tmpdir[256];
+
+static void make_tmpdir(void) {
+    snprintf(tmpdir, sizeof(tmpdir), "/tmp/test_moe_XXXXXX");
+    if (mkdtemp(tmpdir) == NULL) { fail_exit("mkdtemp failed"); }
+}
+
+#ifndef TEST_F64
+// ----------------------------------------------------------------------------
+// against the PyTorch reference (dev/reference/moe_reference.py)
+
+static void write_bytes(const char* path, const void* data, size_t n) {
+    FILE* fp = fopenCheck(path, "wb");
+    if (n > 0) { fwriteCheck(data, 1, n, fp); }
+    fcloseCheck(fp);
+}
+
+static float header_float(const int* header, int i) { float f; memcpy(&f, &header[i], sizeof(float)); return f; }
+
+static void test_reference(const char* name) {
+    char model_path[512], debug_path[512], err[1024];
+    snprintf(model_path, sizeof(model_path), "dev/reference/states/%s_model.bin", name);
+    snprintf(debug_path, sizeof(debug_path), "dev/reference/states/%s_debug.bin", name);
+    char tname[128];
+    GPT2 model;
+    int rc = gpt2_load_checkpoint(&model, model_path, NULL, 0.0f, 0, err, sizeof(err));
+    snprintf(tname, sizeof(tname), "reference/%s/load", name);
+    check(rc == 0, tname, "%s", rc == 0 ? model_path : err);
+    if (rc != 0) { return; }
+    FILE* fp = fopenCheck(debug_path, "rb");
+    int header[256];
+    if (fread(header, sizeof(int), 256, fp) != 256 || header[0] != 20241112 || header[1] != 1) { fail_exit("%s: bad debug state header", debug_path); }
+    int B = header[2], T = header[3], nsteps = header[4], V = header[5], N = B * T;
+    int ref_dropped = header[8];
+    model.capacity_factor = header_float(header, 16);
+    model.aux_loss_weight = header_float(header, 17);
+    model.z_loss_weight = header_float(header, 18);
+    float lr = header_float(header, 19), beta1 = header_float(header, 20), beta2 = header_float(header, 21);
+    float eps = header_float(header, 22), wd = header_float(header, 23), clip = header_float(header, 24);
+    int* x = (int*)mallocCheck(N * sizeof(int));
+    int* y = (int*)mallocCheck(N * sizeof(int));
+    float* logits = (float*)mallocCheck((size_t)N * V * sizeof(float));
+    float losses[4];
+    float* grads = (float*)mallocCheck(model.num_parameters * sizeof(float));
+    float* step_losses = (float*)mallocCheck(nsteps * 2 * sizeof(float));
+    if (fread(x, sizeof(int), N, fp) != (size_t)N || fread(y, sizeof(int), N, fp) != (size_t)N ||
+        fread(logits, sizeof(float), (size_t)N * V, fp) != (size_t)N * V || fread(losses, sizeof(float), 4, fp) != 4 ||
+        fread(grads, sizeof(float), model.num_parameters, fp) != model.num_parameters ||
+        fread(step_losses, sizeof(float), nsteps * 2, fp) != (size_t)nsteps * 2 || fgetc(fp) != EOF) {
+        fail_exit("%s: wrong size for this model", debug_path);
+    }
+    fclose(fp);
+
+    gpt2_forward(&model, x, y, B, T);
+    // logits: fp32 sums of C=16..96 terms in another order; |logit| ~ 1, so 1e-5 is ~100 ulp
+    double logit_err = 0.0;
+    for (int i = 0; i < N; i++) {
+        double e = max_abs_diff(model.acts.logits + (size_t)i * model.config.padded_vocab_size, logits + (size_t)i * V, V);
+        if (e > logit_err) { logit_err = e; }
+    }
+    snprintf(tname, sizeof(tname), "reference/%s/logits", name);
+    check(logit_err < 1e-5, tname, "max abs err %.2e (bound 1e-5)", logit_err);
+    snprintf(tname, sizeof(tname), "reference/%s/losses", name);
+    double loss_err = fmax(fmax(fabs(model.mean_loss - losses[0]), fabs(model.lb_loss - losses[1])),
+                           fmax(fabs(model.z_loss - losses[2]), fabs(model.total_loss - losses[3])));
+    check(loss_err < 1e-5, tname, "ce %.6f lb %.6f z %.6f total %.6f, max abs err %.2e (bound 1e-5)",
+          model.mean_loss, model.lb_loss, model.z_loss, model.total_loss, loss_err);
+    snprintf(tname, sizeof(tname), "reference/%s/dropped", name);
+    check(model.dropped_slots == ref_dropped, tname, "%d dropped slots (reference %d)", model.dropped_slots, ref_dropped);
+
+    // gradients: per tensor, error relative to the tensor's largest entry; fp32 accumulations
+    // over N=16 tokens through up to 3 layers give ~1e-6, so 1e-4 leaves margin without hiding
+    // a wrong formula (those show up as O(1) relative errors)
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model, 1.0f);
+    size_t off = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        size_t n = model.param_sizes[k];
+        if (n > 0) {
+            double e = max_abs_diff(model.grads_memory + off, grads + off, n);
+            double scale = max_abs(grads + off, n);
+            snprintf(tname, sizeof(tname), "reference/%s/grad/%s", name, param_names[k]);
+            check(e <= 1e-4 * fmax(scale, 1e-3), tname, "max abs err %.2e, max |grad| %.2e (bound 1e-4 relative)", e, scale);
+        }
+        off += n;
+    }
+
+    // 10 AdamW steps on the same batch; losses drift apart only through fp32 rounding
+    double step_err = 0.0;
+    for (int s = 0; s < nsteps; s++) {
+        gpt2_forward(&model, x, y, B, T);
+        double e = fmax(fabs(model.mean_loss - step_losses[2 * s]), fabs(model.total_loss - step_losses[2 * s + 1]));
+        if (e > step_err) { step_err = e; }
+        gpt2_zero_grad(&model);
+        gpt2_backward(&model, 1.0f);
+        gpt2_update(&model, lr, beta1, beta2, eps, wd, clip, s + 1);
+    }
+    snprintf(tname, sizeof(tname), "reference/%s/adamw_10_steps", name);
+    check(step_err < 1e-4, tname, "step %d ce %.6f (ref %.6f), max abs err %.2e (bound 1e-4)",
+          nsteps, step_losses[2 * (nsteps - 1)], step_losses[2 * (nsteps - 1)], step_err);
+    free(x); free(y); free(logits); free(grads); free(step_losses);
+    gpt2_free(&model);
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// small models built in memory
+
+static GPT2Config tiny_config(int E, int K, int moe_every, int L) {
+    GPT2Config c = {0};
+    c.max_seq_len = 16; c.vocab_size = 100; c.padded_vocab_size = 128;
+    c.num_layers = L; c.num_heads = 2; c.channels = 16;
+    c.num_experts = E; c.top_k = K; c.moe_every = moe_every; c.expert_hidden = 24; c.renorm_gates = 1;
+    return c;
+}
+
+static void random_model(GPT2* model, const GPT2Config* c, uint64_t seed) {
+    gpt2_allocate(model, c);
+    uint64_t rng = seed;
+    normal_fill(model->params_memory, model->num_parameters, 0.1f, &rng);
+    // routers with larger weights, so that gates are far from uniform
+    normal_fill(model->params.routerw, model->param_sizes[14], 0.5f, &rng);
+    for (size_t i = 0; i < model->param_sizes[2]; i++) { model->params.ln1w[i] += 1.0f; model->params.ln2w[i] += 1.0f; }
+}
+
+static void random_tokens(int* out, int n, int V, uint64_t seed) {
+    uint64_t rng = seed;
+    for (int i = 0; i < n; i++) { out[i] = random_u32(&rng) % V; }
+}
+
+#ifdef TEST_F64
+// ----------------------------------------------------------------------------
+// finite differences, in double precision, of the total loss of a small MoE model with respect
+// to the parameters of the MoE layer and of the layer before it. The routing (top-k choice and
+// capacity) is piecewise constant: a perturbation of 1e-6 does not flip it, which each check
+// verifies by comparing the routing before and after.
+
+static double loss_at(GPT2* model, const int* x, const int* y, int B, int T) {
+    gpt2_forward(model, x, y, B, T);
+    return model->total_loss;
+}
+
+static void fd_check_model(const char* name, GPT2Config c, float capacity_factor, float aux_w, float z_w) {
+    GPT2 model;
+    random_model(&model, &c, 42);
+    model.capacity_factor = capacity_factor;
+    model.aux_loss_weight = aux_w;
+    model.z_loss_weight = z_w;
+    int B = 2, T = 8, N = B * T;
+    int x[16], y[16];
+    random_tokens(x, N, c.vocab_size, 1);
+    random_tokens(y, N, c.vocab_size, 2);
+    gpt2_forward(&model, x, y, B, T);
+    int dropped = model.dropped_slots;
+    size_t S = (size_t)N * c.top_k * num_moe_layers(&c);
+    int* routing0 = (int*)mallocCheck(S * 2 * sizeof(int));
+    memcpy(routing0, model.routing.expert_idx, S * sizeof(int));
+    memcpy(routing0 + S, model.routing.slot_row, S * sizeof(int));
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model, 1.0f);
+    char tname[160];
+    // the MoE tensors, plus ln2 (upstream of the router and the experts) and qkvw (further up)
+    int tensors[] = {14, 15, 16, 17, 18, 8, 9, 4};
+    uint64_t rng = 7;
+    for (int ti = 0; ti < 8; ti++) {
+        int k = tensors[ti];
+        size_t off = 0;
+        for (int j = 0; j < k; j++) { off += model.param_sizes[j]; }
+        double worst = 0.0, worst_abs = 0.0;
+        int flipped = 0;
+        for (int trial = 0; trial < 6; trial++) {
+            size_t i = off + random_u32(&rng) % model.param_sizes[k];
+            double h = 1e-5, old = model.params_memory[i];
+            model.params_memory[i] = old + h;
+            double lp = loss_at(&model, x, y, B, T);
+            flipped |= memcmp(routing0, model.routing.expert_idx, S * sizeof(int)) != 0 || memcmp(routing0 + S, model.routing.slot_row, S * sizeof(int)) != 0;
+            model.params_memory[i] = old - h;
+            double lm = loss_at(&model, x, y, B, T);
+            flipped |= memcmp(routing0, model.routing.expert_idx, S * sizeof(int)) != 0 || memcmp(routing0 + S, model.routing.slot_row, S * sizeof(int)) != 0;
+            model.params_memory[i] = old;
+            double fd = (lp - lm) / (2 * h);
+            double an = model.grads_memory[i];
+            // relative error, with a floor for entries whose gradient is tiny: there the loss's
+            // own rounding (~2e-15 of a loss ~5) over 2h = 2e-5 limits differences to ~1e-10
+            double rel = fabs(fd - an) / fmax(fabs(an), 1e-3);
+            if (rel > worst) { worst = rel; }
+            if (fabs(fd - an) > worst_abs) { worst_abs = fabs(fd - an); }
+        }
+        // central differences with h=1e-5 in double: truncation ~h^2 = 1e-10, rounding ~1e-10, so
+        // 1e-6 relative (1e-9 absolute at the floor) is 10x above the noise
+        snprintf(tname, sizeof(tname), "fd64/%s/%s", name, param_names[k]);
+        check(worst < 1e-6 && !flipped, tname, "max rel err %.2e (abs %.1e) over 6 entries (bound 1e-6)%s", worst, worst_abs, flipped ? ", ROUTING FLIPPED" : "");
+    }
+    // the input side: d loss / d (embedding of a token) covers every path into the MoE layer
+    snprintf(tname, sizeof(tname), "fd64/%s/dropped_slots", name);
+    check(capacity_factor <= 0 ? dropped == 0 : dropped > 0, tname, "%d slots dropped", dropped);
+    free(routing0);
+    gpt2_free(&model);
+}
+
+static void test_finite_differences(void) {
+    // router + experts + gates (renormalised, K=2), aux and z-losses on, dropless
+    fd_check_model("dropless_k2", tiny_config(4, 2, 1, 2), 0.0f, 0.01f, 0.001f);
+    // capacity dropping, with a dense layer before the MoE layer
+    fd_check_model("capacity_k2", tiny_config(4, 2, 2, 2), 0.5f, 0.01f, 0.001f);
+    // K=1: the gate is the raw probability (no renormalisation); large aux and z weights so their
+    // gradients are not hidden under the cross-entropy's
+    fd_check_model("top1_aux_heavy", tiny_config(4, 1, 1, 2), 0.0f, 1.0f, 0.5f);
+    GPT2Config c = tiny_config(4, 2, 1, 2);
+    c.renorm_gates = 0;
+    fd_check_model("k2_no_renorm", c, 1.0f, 0.01f, 0.001f);
+}
+#endif
+
+// ----------------------------------------------------------------------------
+// E=1, K=1: the MoE layer is the dense MLP, bit for bit (forward and backward). The z-loss is a
+// real gradient even for one expert (lse = the single logit), so it is off here.
+
+static void test_single_expert_is_dense(void) {
+    int N = 24, C = 16, H = 64;
+    uint64_t rng = 3;
+    float* x = (float*)mallocCheck(N * C * sizeof(float));
+    float* w1 = (float*)mallocCheck(H * C * sizeof(float));
+    float* b1 = (float*)mallocCheck(H * sizeof(float));
+    float* w2 = (float*)mallocCheck(C * H * sizeof(float));
+    float* b2 = (float*)mallocCheck(C * sizeof(float));
+    float* wr = (float*)mallocCheck(C * sizeof(float));
+    float* dout = (float*)mallocCheck(N * C * sizeof(float));
+    normal_fill(x, N * C, 1.0f, &rng); normal_fill(w1, H * C, 0.2f, &rng); normal_fill(b1, H, 0.1f, &rng);
+    normal_fill(w2, C * H, 0.2f, &rng); normal_fill(b2, C, 0.1f, &rng); normal_fill(wr, C, 0.5f, &rng);
+    normal_fill(dout, N * C, 1.0f, &rng);
+    // dense
+    float* h = (float*)callocCheck(N * H, sizeof(float));
+    float* hg = (float*)callocCheck(N * H, sizeof(float));
+    float* y_dense = (float*)callocCheck(N * C, sizeof(float));
+    matmul_forward(h, x, w1, b1, N, C, H);
+    gelu_forward(hg, h, N * H);
+    matmul_forward(y_dense, hg, w2, b2, N, H, C);
+    float* dhg = (float*)callocCheck(N * H, sizeof(float));
+    float* dh = (float*)callocCheck(N * H, sizeof(float));
+    float* dx_dense = (float*)callocCheck(N * C, sizeof(float));
+    float* dw1_d = (float*)callocCheck(H * C, sizeof(float));
+    float* db1_d = (float*)callocCheck(H, sizeof(float));
+    float* dw2_d = (float*)callocCheck(C * H, sizeof(float));
+    float* db2_d = (float*)callocCheck(C, sizeof(float));
+    matmul_backward(dhg, dw2_d, db2_d, dout, hg, w2, N, H, C);
+    gelu_backward(dh, h, dhg, N * H);
+    matmul_backward(dx_dense, dw1_d, db1_d, dh, x, w1, N, C, H);
+    // MoE with one expert holding the same weights
+    float logits[24], probs[24], gates[24], lb, z;
+    int idx[24], counts[1], slot_row[24], row_slot[24], offsets[2];
+    float* expin = (float*)callocCheck(N * C, sizeof(float));
+    float* exph = (float*)callocCheck(N * H, sizeof(float));
+    float* exphg = (float*)callocCheck(N * H, sizeof(float));
+    float* expout = (float*)callocCheck(N * C, sizeof(float));
+    float* y_moe = (float*)callocCheck(N * C, sizeof(float));
+    moe_router_forward(logits, probs, idx, gates, counts, &lb, &z, x, wr, N, C, 1, 1, 1);
+    int dropped = moe_dispatch_layout(slot_row, row_slot, offsets, idx, N, 1, moe_capacity(0.0f, N, 1, 1));
+    moe_dispatch_forward(expin, x, row_slot, offsets[1], C, 1);
+    moe_experts_forward(exph, exphg, expout, expin, offsets, w1, b1, w2, b2, 1, C, H);
+    moe_combine_forward(y_moe, expout, gates, slot_row, N, C, 1);
+    check(dropped == 0 && memcmp(y_moe, y_dense, N * C * sizeof(float)) == 0, "single_expert/forward_bitwise",
+          "max abs diff %.1e, lb %.3f (must be 1)", max_abs_diff(y_moe, y_dense, N * C), lb);
+    float* dexpout = (float*)callocCheck(N * C, sizeof(float));
+    float* dexph = (float*)callocCheck(N * H, sizeof(float));
+    float* dexphg = (float*)callocCheck(N * H, sizeof(float));
+    float* dexpin = (float*)callocCheck(N * C, sizeof(float));
+    float* dx_moe = (float*)callocCheck(N * C, sizeof(float));
+    float* dw1 = (float*)callocCheck(H * C, sizeof(float));
+    float* db1 = (float*)callocCheck(H, sizeof(float));
+    float* dw2 = (float*)callocCheck(C * H, sizeof(float));
+    float* db2 = (float*)callocCheck(C, sizeof(float));
+    float* dwr = (float*)callocCheck(C, sizeof(float));
+    float dgates[24] = {0}, dlogits[24], dprobs[24];
+    moe_combine_backward(dexpout, dgates, dout, expout, gates, slot_row, N, C, 1);
+    moe_experts_backward(dexpin, dexph, dexphg, dw1, db1, dw2, db2, dexpout, expin, exph, exphg, offsets, w1, w2, 1, C, H);
+    moe_dispatch_backward(dx_moe, dexpin, row_slot, offsets[1], C, 1);
+    moe_router_backward(dx_moe, dwr, dlogits, dprobs, dgates, x, wr, logits, probs, idx, gates, counts, 0.01f, 0.0f, N, C, 1, 1, 1);
+    int same = memcmp(dx_moe, dx_dense, N * C * sizeof(float)) == 0 && memcmp(dw1, dw1_d, H * C * sizeof(float)) == 0 &&
+               memcmp(db1, db1_d, H * sizeof(float)) == 0 && memcmp(dw2, dw2_d, C * H * sizeof(float)) == 0 &&
+               memcmp(db2, db2_d, C * sizeof(float)) == 0 && max_abs(dwr, C) == 0.0;
+    check(same, "single_expert/backward_bitwise", "dx max abs diff %.1e, |drouterw| %.1e (must be 0)",
+          max_abs_diff(dx_moe, dx_dense, N * C), max_abs(dwr, C));
+    free(x); free(w1); free(b1); free(w2); free(b2); free(wr); free(dout); free(h); free(hg); free(y_dense);
+    free(dhg); free(dh); free(dx_dense); free(dw1_d); free(db1_d); free(dw2_d); free(db2_d);
+    free(expin); free(exph); free(exphg); free(expout); free(y_moe);
+    free(dexpout); free(dexph); free(dexphg); free(dexpin); free(dx_moe); free(dw1); free(db1); free(dw2); free(db2); free(dwr);
+}
+
+// ----------------------------------------------------------------------------
+// dispatch layout: stable, capacity keeps the first slots in slot order
+
+static void test_dispatch_layout(void) {
+    // 6 tokens, K=2, E=3: expert choices per slot
+    int idx[12] = {0, 1, 1, 0, 0, 2, 1, 0, 0, 1, 2, 0};
+    int slot_row[12], row_slot[12], offsets[4];
+    int dropped = moe_dispatch_layout(slot_row, row_slot, offsets, idx, 12, 3, 3);
+    // expert 0 gets slots 0,3,4 (7,8,11 dropped); expert 1 gets 1,2,6 (9 dropped); expert 2 gets 5,10
+    int want_rows[12] = {0, 3, 4, 1, 2, 6, 5, -1, -1, -1, 7, -1};
+    int ok = dropped == 4 && offsets[0] == 0 && offsets[1] == 3 && offsets[2] == 6 && offsets[3] == 8 &&
+             memcmp(slot_row, want_rows, sizeof(want_rows)) == 0;
+    for (int r = 0; r < offsets[3]; r++) { ok = ok && slot_row[row_slot[r]] == r; }
+    check(ok, "dispatch_layout/capacity_stable", "%d dropped (want 4), offsets %d %d %d %d", dropped, offsets[0], offsets[1], offsets[2], offsets[3]);
+    dropped = moe_dispatch_layout(slot_row, row_slot, offsets, idx, 12, 3, moe_capacity(0.0f, 6, 2, 3));
+    check(dropped == 0 && offsets[3] == 12, "dispatch_layout/dropless", "%d dropped", dropped);
+    check(moe_capacity(1.25f, 16, 2, 4) == 10 && moe_capacity(0.5f, 16, 2, 4) == 4, "dispatch_layout/capacity_formula",
+          "cap(1.25)=%d (want 10), cap(0.5)=%d (want 4)", moe_capacity(1.25f, 16, 2, 4), moe_capacity(0.5f, 16, 2, 4));
+}
+
+#ifndef TEST_F64
+// ----------------------------------------------------------------------------
+// checkpoints and training state
+
+static void test_checkpoints(void) {
+    char path[512], err[1024];
+    // MoE round trip
+    GPT2Config c = tiny_config(4, 2, 2, 3);
+    GPT2 a, b;
+    random_model(&a, &c, 5);
+    snprintf(path, sizeof(path), "%s/moe.bin", tmpdir);
+    gpt2_write_checkpoint(&a, path);
+    int rc = gpt2_load_checkpoint(&b, path, NULL, 0.0f, 0, err, sizeof(err));
+    check(rc == 0 && b.num_parameters == a.num_parameters && memcmp(&b.config, &a.config, sizeof(GPT2Config)) == 0 &&
+          memcmp(a.params_memory, b.params_memory, a.num_parameters * sizeof(float)) == 0, "checkpoint/moe_roundtrip", "%s", rc ? err : path);
+    char tmp[600];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    check(access(tmp, F_OK) != 0, "checkpoint/no_temporary_left", NULL);
+    gpt2_free(&b);
+    // dense: llm.c's header exactly
+    GPT2Config dc = tiny_config(0, 0, 1, 2);
+    GPT2 d;
+    random_model(&d, &dc, 6);
+    snprintf(path, sizeof(path), "%s/dense.bin", tmpdir);
+    gpt2_write_checkpoint(&d, path);
+    FILE* fp = fopenCheck(path, "rb");
+    int header[256];
+    if (fread(header, sizeof(int), 256, fp) != 256) { fail_exit("short read"); }
+    fclose(fp);
+    check(header[0] == 20240326 && header[1] == 3 && header[2] == 16 && header[3] == 100 && header[4] == 2 &&
+          header[5] == 2 && header[6] == 16 && header[7] == 128, "checkpoint/dense_llmc_header",
+          "magic %d version %d maxT %d V %d L %d NH %d C %d Vp %d", header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7]);
+    rc = gpt2_load_checkpoint(&b, path, NULL, 0.0f, 0, err, sizeof(err));
+    check(rc == 0 && memcmp(d.params_memory, b.params_memory, d.num_parameters * sizeof(float)) == 0, "checkpoint/dense_roundtrip", "%s", rc ? err : path);
+    gpt2_free(&b);
+    // llm.c's bf16 checkpoints (version 5) load as fp32: each value is the top 16 bits of a float
+    {
+        int h5[256];
+        memcpy(h5, header, sizeof(h5));
+        h5[1] = 5;
+        char path5[600];
+        snprintf(path5, sizeof(path5), "%s/dense_bf16.bin", tmpdir);
+        FILE* f5 = fopenCheck(path5, "wb");
+        fwriteCheck(h5, sizeof(int), 256, f5);
+        for (size_t i = 0; i < d.num_parameters; i++) {
+            uint32_t bits;
+            memcpy(&bits, &d.params_memory[i], 4);
+            uint16_t top = (uint16_t)(bits >> 16);
+            fwriteCheck(&top, 2, 1, f5);
+        }
+        fcloseCheck(f5);
+        rc = gpt2_load_checkpoint(&b, path5, NULL, 0.0f, 0, err, sizeof(err));
+        size_t wrong = 0;
+        for (size_t i = 0; rc == 0 && i < d.num_parameters; i++) {
+            uint32_t bits;
+            memcpy(&bits, &d.params_memory[i], 4);
+            bits &= 0xFFFF0000u;
+            float want;
+            memcpy(&want, &bits, 4);
+            if (b.params_memory[i] != want) { wrong++; }
+        }
+        check(rc == 0 && wrong == 0, "checkpoint/llmc_bf16_loads", "%s, %zu values differ from the truncated fp32", rc ? err : path5, wrong);
+        if (rc == 0) { gpt2_free(&b); }
+    }
+    // upcycling: every expert a copy of the dense MLP, so with renormalised gates the MoE model
+    // computes the dense model's function (up to fp32 rounding of sum_j g_j y = y)
+    GPT2Config up = tiny_config(4, 2, 1, 2);
+    up.expert_hidden = 4 * up.channels;
+    rc = gpt2_load_checkpoint(&b, path, &up, 0.0f, 9, err, sizeof(err));
+    check(rc == 0 && b.config.num_experts == 4 && num_moe_layers(&b.config) == 2, "checkpoint/upcycle_load", "%s", rc ? err : "E=4 K=2 from dense");
+    if (rc == 0) {
+        int x[16], y[16];
+        random_tokens(x, 16, 100, 11);
+        random_tokens(y, 16, 100, 12);
+        b.capacity_factor = 0.0f;
+        gpt2_forward(&d, x, y, 2, 8);
+        gpt2_forward(&b, x, y, 2, 8);
+        double e = max_abs_diff(d.acts.logits, b.acts.logits, 16 * 128);
+        check(e < 1e-5, "checkpoint/upcycle_same_function", "max abs logit diff %.2e (bound 1e-5), ce %.6f vs %.6f", e, d.mean_loss, b.mean_loss);
+        gpt2_free(&b);
+    }
+    up.expert_hidden = 24;
+    rc = gpt2_load_checkpoint(&b, path, &up, 0.0f, 9, err, sizeof(err));
+    check(rc != 0 && strstr(err, "H must be 4C") != NULL, "checkpoint/upcycle_rejects_H", "%s", err);
+    // training state round trip
+    GPT2Config sc = tiny_config(4, 2, 1, 2);
+    GPT2 s1, s2;
+    random_model(&s1, &sc, 13);
+    random_model(&s2, &sc, 13);
+    s1.m_memory = (float*)callocCheck(s1.num_parameters, sizeof(float));
+    s1.v_memory = (float*)callocCheck(s1.num_parameters, sizeof(float));
+    uint64_t rng = 17;
+    normal_fill(s1.m_memory, s1.num_parameters, 1.0f, &rng);
+    normal_fill(s1.v_memory, s1.num_parameters, 1.0f, &rng);
+    TrainState st = {.step = 123, .data = {.epoch = 2, .shard_idx = 1, .sample_idx = 77}, .rng = 0xDEADBEEFCAFEull};
+    TrainState st2;
+    snprintf(path, sizeof(path), "%s/state.bin", tmpdir);
+    state_write(&s1, &st, path);
+    rc = state_read(&s2, &st2, path, err, sizeof(err));
+    check(rc == 0 && st2.step == 123 && st2.data.epoch == 2 && st2.data.shard_idx == 1 && st2.data.sample_idx == 77 &&
+          st2.rng == st.rng && memcmp(s1.m_memory, s2.m_memory, s1.num_parameters * sizeof(float)) == 0 &&
+          memcmp(s1.v_memory, s2.v_memory, s1.num_parameters * sizeof(float)) == 0, "state/roundtrip", "%s", rc ? err : path);
+    gpt2_free(&s1); gpt2_free(&s2);
+    gpt2_free(&a); gpt2_free(&d);
+}
+
+// bad checkpoint files: each rejected with a message naming the file and the problem
+static void test_bad_checkpoints(void) {
+    char good[512], bad[512], err[1024];
+    GPT2Config c = tiny_config(4, 2, 1, 2);
+    GPT2 a, b;
+    random_model(&a, &c, 21);
+    snprintf(good, sizeof(good), "%s/good.bin", tmpdir);
+    gpt2_write_checkpoint(&a, good);
+    FILE* fp = fopenCheck(good, "rb");
+    fseek(fp, 0, SEEK_END);
+    long size = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    char* bytes = (char*)mallocCheck(size + 8);
+    if (fread(bytes, 1, size, fp) != (size_t)size) { fail_exit("short read"); }
+    fclose(fp);
+    snprintf(bad, sizeof(bad), "%s/bad.bin", tmpdir);
+    struct { const char* name; int field; int value; long size; const char* expect; } cases[] = {
+        {"bad_magic", 0, 12345, -1, "bad magic"},
+        {"bad_version", 1, 7, -1, "version 7"},
+        {"truncated", -1, 0, size - 4, "truncated"},
+        {"trailing", -1, 0, size + 4, "trailing"},
+        {"header_only_partial", -1, 0, 1000, "no full 1024-byte header"},
+        {"k_greater_than_E", 9, 5, -1, "top-k K=5"},
+        {"heads_not_dividing", 5, 3, -1, "NH=3 must divide"},
+        {"vocab_bigger_than_padded", 3, 200, -1, "Vp=128 must be"},
+        {"zero_layers", 4, 0, -1, "L=0"},
+    };
+    int ncases = sizeof(cases) / sizeof(cases[0]);
+    for (int i = 0; i < ncases; i++) {
+        char* mod = (char*)callocCheck(size + 8, 1);
+        memcpy(mod, bytes, size);
+        if (cases[i].field >= 0) { memcpy(mod + 4 * cases[i].field, &cases[i].value, 4); }
+        write_bytes(bad, mod, cases[i].size >= 0 ? (size_t)cases[i].size : (size_t)size);
+        err[0] = '\0';
+        int rc = gpt2_load_checkpoint(&b, bad, NULL, 0.0f, 0, err, sizeof(err));
+        char tname[128];
+        snprintf(tname, sizeof(tname), "bad_input/checkpoint_%s", cases[i].name);
+        check(rc != 0 && strstr(err, bad) != NULL && strstr(err, cases[i].expect) != NULL, tname, "\"%s\"", err);
+        if (rc == 0) { gpt2_free(&b); }
+        free(mod);
+    }
+    int rc = gpt2_load_checkpoint(&b, "/nonexistent/model.bin", NULL, 0.0f, 0, err, sizeof(err));
+    check(rc != 0 && strstr(err, "/nonexistent/model.bin") != NULL, "bad_input/checkpoint_missing", "\"%s\"", err);
+    // a state file for another model
+    GPT2Config c2 = tiny_config(8, 2, 1, 2);
+    GPT2 other;
+    random_model(&other, &c2, 1);
+    other.m_memory = (float*)callocCheck(other.num_parameters, sizeof(float));
+    other.v_memory = (float*)callocCheck(other.num_parameters, sizeof(float));
+    TrainState st = {0}, st2;
+    snprintf(bad, sizeof(bad), "%s/state_other.bin", tmpdir);
+    state_write(&other, &st, bad);
+    rc = state_read(&a, &st2, bad, err, sizeof(err));
+    check(rc != 0 && strstr(err, "parameters") != NULL, "bad_input/state_wrong_model", "\"%s\"", err);
+    free(bytes);
+    gpt2_free(&other);
+    gpt2_free(&a);
+}
+
+// gradient accumulation: two micro-batches of B=1 with loss scale 1/2 give the same parameter
+// gradients as... (dropless, where routing does not couple the batch rows)
+static void test_grad_accumulation(void) {
+    GPT2Config c = tiny_config(4, 2, 1, 2);
+    GPT2 big, small;
+    random_model(&big, &c, 31);
+    random_model(&small, &c, 31);
+    big.capacity_factor = small.capacity_factor = 0.0f;
+    big.aux_loss_weight = small.aux_loss_weight = 0.0f; // the lb loss is a batch statistic
+    int x[16], y[16];
+    random_tokens(x, 16, 100, 41);
+    random_tokens(y, 16, 100, 42);
+    gpt2_forward(&big, x, y, 2, 8);
+    gpt2_zero_grad(&big);
+    gpt2_backward(&big, 1.0f);
+    gpt2_forward(&small, x, y, 1, 8); // allocates for B=1
+    gpt2_zero_grad(&small);
+    gpt2_backward(&small, 0.5f);
+    gpt2_forward(&small, x + 8, y + 8, 1, 8);
+    gpt2_backward(&small, 0.5f);
+    double e = max_abs_diff(big.grads_memory, small.grads_memory, big.num_parameters);
+    double s = max_abs(big.grads_memory, big.num_parameters);
+    check(e < 1e-5 * s, "grad_accumulation/two_halves", "max abs err %.2e of max %.2e (bound 1e-5 relative)", e, s);
+    gpt2_free(&big);
+    gpt2_free(&small);
+}
+#endif
+
+#if !defined(TEST_F64)
+#include "dev/test_dataloader_snippet.c"
+#endif
+
+#ifndef TEST_F64
+// ----------------------------------------------------------------------------
+// tokenizer.h: GPT-2 BPE encode/decode. Needs data/gpt2/{encoder.json,vocab.bpe} (shipped in the
+// repo; dev/data/tinyshakespeare.sh writes them). Run from the repository root.
+
+// writes len bytes to path; 0 on success
+static int tok_test_write(const char* path, const char* data, size_t len) {
+    FILE* f = fopen(path, "wb");
+    if (f == NULL) { return -1; }
+    size_t k = fwrite(data, 1, len, f);
+    return (fclose(f) == 0 && k == len) ? 0 : -1;
+}
+
+// encodes then decodes s[0..len) and compares the bytes
+static int tok_test_round_trip(Tokenizer* t, const char* s, size_t len) {
+    size_t n = tokenizer_encode(t, s, len, NULL, 0); // counting mode
+    int* ids = (int*)malloc((n + 1) * sizeof(int));
+    char* back = (char*)malloc(len + 1);
+    int ok = ids != NULL && back != NULL && tokenizer_encode(t, s, len, ids, n) == n;
+    size_t k = 0;
+    for (size_t i = 0; ok && i < n; i++) {
+        size_t piece_len;
+        const char* piece = tokenizer_decode_bytes(t, (uint32_t)ids[i], &piece_len);
+        ok = piece != NULL && k + piece_len <= len;
+        if (ok) { memcpy(back + k, piece, piece_len); k += piece_len; }
+    }
+    ok = ok && k == len && memcmp(back, s, len) == 0;
+    free(ids); free(back);
+    return ok;
+}
+
+// the check variant must fail with one line naming the file, and leave the tokenizer empty
+static void tok_test_bad(const char* name, const char* encoder, const char* vocab, const char* culprit) {
+    Tokenizer t;
+    char err[512];
+    int rc = tokenizer_init_check(&t, encoder, vocab, err, sizeof(err));
+    int ok = rc == -1 && t.init_ok == 0 && strstr(err, culprit) != NULL && strchr(err, '\n') == NULL;
+    if (ok) { printf("ok   %s (%s)\n", name, err); tests_passed++; }
+    else { printf("FAIL %s rc %d, message '%s'\n", name, rc, err); tests_failed++; }
+    tokenizer_free(&t);
+}
+
+static void test_tokenizer(void) {
+    const char* enc_path = "data/gpt2/encoder.json";
+    const char* bpe_path = "data/gpt2/vocab.bpe";
+    Tokenizer t;
+    char err[512];
+    if (tokenizer_init_check(&t, enc_path, bpe_path, err, sizeof(err)) != 0) {
+        printf("FAIL tokenizer_init %s\n", err); tests_failed++;
+        return;
+    }
+    int ok = t.vocab_size == 50257 && t.eot_token == 50256 && strcmp(tokenizer_decode(&t, 50256), "<|endoftext|>") == 0;
+    printf("%s tokenizer_init vocab_size %u, eot %d\n", ok ? "ok  " : "FAIL", t.vocab_size, t.eot_token);
+    if (ok) { tests_passed++; } else { tests_failed++; }
+
+    // (iii) a fixed sentence gives tiktoken's ids (tiktoken "gpt2", encode_ordinary)
+    const char* sentence = "Hello, world! It's 2024: we're testing GPT-2's tokenizer on na\xc3\xafve caf\xc3\xa9, "
+                           "\xe4\xb8\xad\xe6\x96\x87 and \xf0\x9f\x98\x80.\n\n   Spaces   too ";
+    static const int expected[] = { 15496, 11, 995, 0, 632, 338, 48609, 25, 356, 821, 4856, 402, 11571, 12,
+        17, 338, 11241, 7509, 319, 41492, 40304, 11, 220, 40792, 23877, 229, 290, 30325, 222, 13, 628, 220,
+        220, 48086, 220, 220, 1165, 220 };
+    size_t n_expected = sizeof(expected) / sizeof(expected[0]);
+    int ids[64];
+    size_t n = tokenizer_encode(&t, sentence, strlen(sentence), ids, 64);
+    size_t first_bad = 0;
+    while (first_bad < n && first_bad < n_expected && ids[first_bad] == expected[first_bad]) { first_bad++; }
+    ok = n == n_expected && first_bad == n;
+    if (ok) { printf("ok   tokenizer_encode_sentence %zu tokens equal tiktoken's\n", n); tests_passed++; }
+    else { printf("FAIL tokenizer_encode_sentence %zu tokens (expected %zu), first difference at %zu\n", n, n_expected, first_bad); tests_failed++; }
+    // snprintf-like: a short buffer still returns the full count and fills what fits
+    int few[3];
+    ok = tokenizer_encode(&t, sentence, strlen(sentence), few, 3) == n_expected && few[2] == expected[2];
+    if (ok) { printf("ok   tokenizer_encode_short_buffer\n"); tests_passed++; }
+    else { printf("FAIL tokenizer_encode_short_buffer\n"); tests_failed++; }
+
+    // (i) round trips, including bytes that are not UTF-8
+#define TOK_SAMPLE(x) { x, sizeof(x) - 1 } // sizeof keeps embedded NULs
+    static const struct { const char* s; size_t len; } samples[] = {
+        TOK_SAMPLE(""), TOK_SAMPLE("Hello world"), TOK_SAMPLE("  leading and trailing  "),
+        TOK_SAMPLE("tab\there\nnew\r\nline\n\n\n"),
+        TOK_SAMPLE("na\xc3\xafve \xe2\x80\x94 \xe2\x80\x9cquotes\xe2\x80\x9d \xc2\xbd \xc2\xb2"),
+        TOK_SAMPLE("\xe4\xb8\xad\xe6\x96\x87 \xe6\x97\xa5\xe6\x9c\xac \xed\x95\x9c"),
+        TOK_SAMPLE("emoji \xf0\x9f\x98\x80\xf0\x9f\x91\x8d\xf0\x9f\x8f\xbd"),
+        TOK_SAMPLE("e\xcc\x81 combining"), TOK_SAMPLE("it's we've they'll I'd 'S"),
+        TOK_SAMPLE("nul\0byte"), TOK_SAMPLE("\xff\xfe bad \xc3 utf8 \xed\xa0\x80 \xf4\x90\x80\x80"),
+    };
+#undef TOK_SAMPLE
+    for (size_t i = 0; i < sizeof(samples) / sizeof(samples[0]); i++) {
+        char name[64];
+        snprintf(name, sizeof(name), "tokenizer_round_trip_%zu", i);
+        if (tok_test_round_trip(&t, samples[i].s, samples[i].len)) { printf("ok   %s\n", name); tests_passed++; }
+        else { printf("FAIL %s decode(encode(x)) != x\n", name); tests_failed++; }
+    }
+    ok = tokenizer_decode(&t, 50257) == NULL && tokenizer_decode(&t, 0xFFFFFFFFu) == NULL;
+    if (ok) { printf("ok   tokenizer_decode_out_of_range\n"); tests_passed++; }
+    else { printf("FAIL tokenizer_decode_out_of_range\n"); tests_failed++; }
+    tokenizer_free(&t);
+
+    // (ii) broken tokenizer files are refused, with one line naming the file
+    char bad[300];
+    snprintf(bad, sizeof(bad), "%s/tokenizer_bad.json", tmpdir);
+    tok_test_bad("tokenizer_bad_missing_file", "no/such/encoder.json", bpe_path, "no/such/encoder.json");
+    tok_test_write(bad, "this is not JSON", 16);
+    tok_test_bad("tokenizer_bad_garbage_encoder", bad, bpe_path, bad);
+    size_t enc_len = 0;
+    char* enc_text = (char*)tok_read_file(enc_path, &enc_len, err, sizeof(err));
+    if (enc_text != NULL) {
+        tok_test_write(bad, enc_text, enc_len / 2); // cut in the middle: truncated JSON
+        tok_test_bad("tokenizer_bad_truncated_encoder", bad, bpe_path, bad);
+        free(enc_text);
+    }
+    const char* wrong_first = "#hello\n\xc4\xa0 t\n";
+    tok_test_write(bad, wrong_first, strlen(wrong_first));
+    tok_test_bad("tokenizer_bad_vocab_first_line", enc_path, bad, bad);
+    const char* unknown = "#version: 0.2\n\xc4\xa0 t\nqqq zzz\n";
+    tok_test_write(bad, unknown, strlen(unknown));
+    tok_test_bad("tokenizer_bad_vocab_unknown_token", enc_path, bad, bad);
+    const char* few_merges = "#version: 0.2\n\xc4\xa0 t\n\xc4\xa0 a\n"; // 2 merges where 50000 are due
+    tok_test_write(bad, few_merges, strlen(few_merges));
+    tok_test_bad("tokenizer_bad_vocab_truncated", enc_path, bad, bad);
+    remove(bad);
+}
+#endif
+
+int main(void) {
+    make_tmpdir();
+#ifdef TEST_F64
+    test_finite_differences();
+    test_single_expert_is_dense();
+    test_dispatch_layout();
+#else
+    test_reference("dense");
+    test_reference("moe");
+    test_reference("cap");
+    test_single_expert_is_dense();
+    test_dispatch_layout();
+    test_grad_accumulation();
+    test_checkpoints();
+    test_bad_checkpoints();
+    test_dataloader();
+    test_tokenizer();
+#endif
+    char cmd[300];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
+    if (system(cmd) != 0) { printf("warning: could not remove %s\n", tmpdir); }
+    printf("%d passed, %d failed\n", tests_passed, tests_failed);
+    return tests_failed == 0 ? 0 : 1;
+}
