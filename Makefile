@@ -18,6 +18,7 @@ else
 endif
 
 NVCC := $(shell which nvcc 2>/dev/null)
+MPICC := $(shell which mpicc 2>/dev/null)
 
 .PHONY: all run test test-gpu bench bench-cpu data clean
 
@@ -33,6 +34,21 @@ test_moe: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h dev/test_dataload
 test_moe_f64: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h
 	$(CC) $(CFLAGS) -DTEST_F64 $< -o $@ $(LDLIBS)
 
+# expert parallelism over MPI between CPU processes: mpirun -np W ./train_gpt2_moe_mpi ...
+train_gpt2_moe_mpi: train_gpt2_moe.c tokenizer.h dataloader.h
+ifeq ($(MPICC),)
+	@echo "mpicc not found: install libopenmpi-dev openmpi-bin for the MPI build" && false
+else
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -DUSE_MPI $< -o $@ $(LDLIBS)
+endif
+
+test_moe_mpi: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h
+ifeq ($(MPICC),)
+	@echo "mpicc not found: install libopenmpi-dev openmpi-bin for the MPI tests" && false
+else
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -Wno-unused-function -DUSE_MPI -DTEST_MPI $< -o $@ $(LDLIBS)
+endif
+
 dev/data/tokenize: dev/data/tokenize.c tokenizer.h
 	$(CC) -O2 -std=gnu99 -Wall $< -o $@ $(LDLIBS)
 
@@ -42,7 +58,9 @@ run: train_gpt2_moe_cpu
 
 # CPU tests; GPU tests are reported as skipped. Regenerates the PyTorch reference states first
 # when torch is installed, else uses the ones committed in dev/reference/states
-test: test_moe test_moe_f64 train_gpt2_moe_cpu dev/data/tokenize
+# (the MPI tests join when mpicc is installed, and report themselves skipped otherwise)
+MPI_TEST_TARGETS := $(if $(MPICC),test_moe_mpi train_gpt2_moe_mpi,)
+test: test_moe test_moe_f64 train_gpt2_moe_cpu dev/data/tokenize $(MPI_TEST_TARGETS)
 	PYTHON=$(PYTHON) bash dev/run_tests.sh
 
 test-gpu:
@@ -61,4 +79,4 @@ data: dev/data/tokenize
 	bash dev/data/tinyshakespeare.sh
 
 clean:
-	rm -f train_gpt2_moe_cpu test_moe test_moe_f64 dev/data/tokenize
+	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize

@@ -354,6 +354,29 @@ static inline void dataloader_reset(DataLoader* loader) {
     loader->sample_idx = 0;
 }
 
+// checks every shard a pattern matches, without exiting: 0, or non-zero with err filled. Lets a
+// multi-process trainer agree that all ranks can read their data before any rank exits.
+static inline int dataloader_check_pattern(const char* filename_pattern, size_t min_tokens, char* err, size_t errlen) {
+    glob_t g;
+    int status = glob(filename_pattern, 0, NULL, &g);
+    if (status != 0) {
+        snprintf(err, errlen, "dataloader: %s: %s", filename_pattern, status == GLOB_NOMATCH ? "no files match this pattern" : "glob failed");
+        globfree(&g);
+        return -1;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < g.gl_pathc && rc == 0; i++) {
+        size_t ntok;
+        char msg[768];
+        if (shard_check(g.gl_pathv[i], min_tokens, &ntok, msg, sizeof(msg)) != SHARD_OK) {
+            snprintf(err, errlen, "dataloader: %s", msg);
+            rc = -1;
+        }
+    }
+    globfree(&g);
+    return rc;
+}
+
 static inline void dataloader_init(DataLoader* loader, const char* filename_pattern, size_t B, size_t T,
                                    int process_rank, int num_processes, int should_shuffle, uint64_t seed,
                                    int vocab_size) {

@@ -76,6 +76,7 @@ static const char* param_names[NUM_PARAMETER_TENSORS] = {
     "fcprojw", "fcprojb", "routerw", "expfcw", "expfcb", "expprojw", "expprojb", "lnfw", "lnfb"};
 
 static char tmpdir[256];
+static Comm solo; // a world of one process
 
 static void make_tmpdir(void) {
     snprintf(tmpdir, sizeof(tmpdir), "/tmp/test_moe_XXXXXX");
@@ -100,7 +101,7 @@ static void test_reference(const char* name) {
     snprintf(debug_path, sizeof(debug_path), "dev/reference/states/%s_debug.bin", name);
     char tname[128];
     GPT2 model;
-    int rc = gpt2_load_checkpoint(&model, model_path, NULL, 0.0f, 0, err, sizeof(err));
+    int rc = gpt2_load_checkpoint(&model, model_path, NULL, 0.0f, 0, solo, err, sizeof(err));
     snprintf(tname, sizeof(tname), "reference/%s/load", name);
     check(rc == 0, tname, "%s", rc == 0 ? model_path : err);
     if (rc != 0) { return; }
@@ -192,7 +193,7 @@ static GPT2Config tiny_config(int E, int K, int moe_every, int L) {
 }
 
 static void random_model(GPT2* model, const GPT2Config* c, uint64_t seed) {
-    gpt2_allocate(model, c);
+    gpt2_allocate(model, c, solo);
     uint64_t rng = seed;
     normal_fill(model->params_memory, model->num_parameters, 0.1f, &rng);
     // routers with larger weights, so that gates are far from uniform
@@ -331,8 +332,11 @@ static void test_single_expert_is_dense(void) {
     float* exphg = (float*)callocCheck(N * H, sizeof(float));
     float* expout = (float*)callocCheck(N * C, sizeof(float));
     float* y_moe = (float*)callocCheck(N * C, sizeof(float));
-    moe_router_forward(logits, probs, idx, gates, counts, &lb, &z, x, wr, N, C, 1, 1, 1);
-    int dropped = moe_dispatch_layout(slot_row, row_slot, offsets, idx, N, 1, moe_capacity(0.0f, N, 1, 1));
+    moe_router_forward(logits, probs, idx, gates, counts, &z, x, wr, N, C, 1, 1, 1);
+    lb = moe_load_balance_forward(probs, counts, N, N, 1);
+    int kept[1], fill[1];
+    long long dropped = moe_capacity_plan(kept, counts, 1, 1, moe_capacity(0.0f, N, 1, 1));
+    moe_dispatch_layout(slot_row, row_slot, offsets, fill, idx, kept, N, 1);
     moe_dispatch_forward(expin, x, row_slot, offsets[1], C, 1);
     moe_experts_forward(exph, exphg, expout, expin, offsets, w1, b1, w2, b2, 1, C, H);
     moe_combine_forward(y_moe, expout, gates, slot_row, N, C, 1);
@@ -352,7 +356,7 @@ static void test_single_expert_is_dense(void) {
     moe_combine_backward(dexpout, dgates, dout, expout, gates, slot_row, N, C, 1);
     moe_experts_backward(dexpin, dexph, dexphg, dw1, db1, dw2, db2, dexpout, expin, exph, exphg, offsets, w1, w2, 1, C, H);
     moe_dispatch_backward(dx_moe, dexpin, row_slot, offsets[1], C, 1);
-    moe_router_backward(dx_moe, dwr, dlogits, dprobs, dgates, x, wr, logits, probs, idx, gates, counts, 0.01f, 0.0f, N, C, 1, 1, 1);
+    moe_router_backward(dx_moe, dwr, dlogits, dprobs, dgates, x, wr, logits, probs, idx, gates, counts, N, 0.01f, 0.0f, N, C, 1, 1, 1);
     int same = memcmp(dx_moe, dx_dense, N * C * sizeof(float)) == 0 && memcmp(dw1, dw1_d, H * C * sizeof(float)) == 0 &&
                memcmp(db1, db1_d, H * sizeof(float)) == 0 && memcmp(dw2, dw2_d, C * H * sizeof(float)) == 0 &&
                memcmp(db2, db2_d, C * sizeof(float)) == 0 && max_abs(dwr, C) == 0.0;
@@ -370,18 +374,34 @@ static void test_single_expert_is_dense(void) {
 static void test_dispatch_layout(void) {
     // 6 tokens, K=2, E=3: expert choices per slot
     int idx[12] = {0, 1, 1, 0, 0, 2, 1, 0, 0, 1, 2, 0};
+    int counts[3] = {6, 4, 2}, kept[3], fill[3];
     int slot_row[12], row_slot[12], offsets[4];
-    int dropped = moe_dispatch_layout(slot_row, row_slot, offsets, idx, 12, 3, 3);
+    long long dropped = moe_capacity_plan(kept, counts, 1, 3, 3);
+    moe_dispatch_layout(slot_row, row_slot, offsets, fill, idx, kept, 12, 3);
     // expert 0 gets slots 0,3,4 (7,8,11 dropped); expert 1 gets 1,2,6 (9 dropped); expert 2 gets 5,10
     int want_rows[12] = {0, 3, 4, 1, 2, 6, 5, -1, -1, -1, 7, -1};
     int ok = dropped == 4 && offsets[0] == 0 && offsets[1] == 3 && offsets[2] == 6 && offsets[3] == 8 &&
              memcmp(slot_row, want_rows, sizeof(want_rows)) == 0;
     for (int r = 0; r < offsets[3]; r++) { ok = ok && slot_row[row_slot[r]] == r; }
-    check(ok, "dispatch_layout/capacity_stable", "%d dropped (want 4), offsets %d %d %d %d", dropped, offsets[0], offsets[1], offsets[2], offsets[3]);
-    dropped = moe_dispatch_layout(slot_row, row_slot, offsets, idx, 12, 3, moe_capacity(0.0f, 6, 2, 3));
-    check(dropped == 0 && offsets[3] == 12, "dispatch_layout/dropless", "%d dropped", dropped);
+    check(ok, "dispatch_layout/capacity_stable", "%lld dropped (want 4), offsets %d %d %d %d", dropped, offsets[0], offsets[1], offsets[2], offsets[3]);
+    dropped = moe_capacity_plan(kept, counts, 1, 3, moe_capacity(0.0f, 6, 2, 3));
+    moe_dispatch_layout(slot_row, row_slot, offsets, fill, idx, kept, 12, 3);
+    check(dropped == 0 && offsets[3] == 12, "dispatch_layout/dropless", "%lld dropped", dropped);
     check(moe_capacity(1.25f, 16, 2, 4) == 10 && moe_capacity(0.5f, 16, 2, 4) == 4, "dispatch_layout/capacity_formula",
           "cap(1.25)=%d (want 10), cap(0.5)=%d (want 4)", moe_capacity(1.25f, 16, 2, 4), moe_capacity(0.5f, 16, 2, 4));
+    // three source ranks: an expert keeps its first cap slots in (source rank, slot) order
+    int counts3[6] = {2, 3, 4, 1, 3, 2}; // (W=3, E=2)
+    int kept3[6];
+    dropped = moe_capacity_plan(kept3, counts3, 3, 2, 5);
+    int want3[6] = {2, 3, 3, 1, 0, 1};
+    check(dropped == 5 && memcmp(kept3, want3, sizeof(want3)) == 0, "dispatch_layout/capacity_by_source_rank",
+          "kept %d %d | %d %d | %d %d (want 2 3 | 3 1 | 0 1), %lld dropped (want 5)", kept3[0], kept3[1], kept3[2], kept3[3], kept3[4], kept3[5], dropped);
+    // the receiver of expert 1 (rank 1 of W=2 with E=2): rows from ranks 0 and 1, grouped by expert
+    int kept2[4] = {2, 3, 1, 2}; // (W=2, E=2)
+    int perm[5], eoff[2], recv_rows[2];
+    int R = moe_receive_layout(perm, eoff, recv_rows, kept2, 2, 2, 1, 1);
+    check(R == 5 && recv_rows[0] == 3 && recv_rows[1] == 2 && eoff[1] == 5 && perm[0] == 0 && perm[3] == 3 && perm[4] == 4,
+          "dispatch_layout/receive_layout", "R=%d rows from ranks %d %d", R, recv_rows[0], recv_rows[1]);
 }
 
 #ifndef TEST_F64
@@ -396,7 +416,7 @@ static void test_checkpoints(void) {
     random_model(&a, &c, 5);
     snprintf(path, sizeof(path), "%s/moe.bin", tmpdir);
     gpt2_write_checkpoint(&a, path);
-    int rc = gpt2_load_checkpoint(&b, path, NULL, 0.0f, 0, err, sizeof(err));
+    int rc = gpt2_load_checkpoint(&b, path, NULL, 0.0f, 0, solo, err, sizeof(err));
     check(rc == 0 && b.num_parameters == a.num_parameters && memcmp(&b.config, &a.config, sizeof(GPT2Config)) == 0 &&
           memcmp(a.params_memory, b.params_memory, a.num_parameters * sizeof(float)) == 0, "checkpoint/moe_roundtrip", "%s", rc ? err : path);
     char tmp[600];
@@ -416,7 +436,7 @@ static void test_checkpoints(void) {
     check(header[0] == 20240326 && header[1] == 3 && header[2] == 16 && header[3] == 100 && header[4] == 2 &&
           header[5] == 2 && header[6] == 16 && header[7] == 128, "checkpoint/dense_llmc_header",
           "magic %d version %d maxT %d V %d L %d NH %d C %d Vp %d", header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7]);
-    rc = gpt2_load_checkpoint(&b, path, NULL, 0.0f, 0, err, sizeof(err));
+    rc = gpt2_load_checkpoint(&b, path, NULL, 0.0f, 0, solo, err, sizeof(err));
     check(rc == 0 && memcmp(d.params_memory, b.params_memory, d.num_parameters * sizeof(float)) == 0, "checkpoint/dense_roundtrip", "%s", rc ? err : path);
     gpt2_free(&b);
     // llm.c's bf16 checkpoints (version 5) load as fp32: each value is the top 16 bits of a float
@@ -435,7 +455,7 @@ static void test_checkpoints(void) {
             fwriteCheck(&top, 2, 1, f5);
         }
         fcloseCheck(f5);
-        rc = gpt2_load_checkpoint(&b, path5, NULL, 0.0f, 0, err, sizeof(err));
+        rc = gpt2_load_checkpoint(&b, path5, NULL, 0.0f, 0, solo, err, sizeof(err));
         size_t wrong = 0;
         for (size_t i = 0; rc == 0 && i < d.num_parameters; i++) {
             uint32_t bits;
@@ -452,7 +472,7 @@ static void test_checkpoints(void) {
     // computes the dense model's function (up to fp32 rounding of sum_j g_j y = y)
     GPT2Config up = tiny_config(4, 2, 1, 2);
     up.expert_hidden = 4 * up.channels;
-    rc = gpt2_load_checkpoint(&b, path, &up, 0.0f, 9, err, sizeof(err));
+    rc = gpt2_load_checkpoint(&b, path, &up, 0.0f, 9, solo, err, sizeof(err));
     check(rc == 0 && b.config.num_experts == 4 && num_moe_layers(&b.config) == 2, "checkpoint/upcycle_load", "%s", rc ? err : "E=4 K=2 from dense");
     if (rc == 0) {
         int x[16], y[16];
@@ -466,7 +486,7 @@ static void test_checkpoints(void) {
         gpt2_free(&b);
     }
     up.expert_hidden = 24;
-    rc = gpt2_load_checkpoint(&b, path, &up, 0.0f, 9, err, sizeof(err));
+    rc = gpt2_load_checkpoint(&b, path, &up, 0.0f, 9, solo, err, sizeof(err));
     check(rc != 0 && strstr(err, "H must be 4C") != NULL, "checkpoint/upcycle_rejects_H", "%s", err);
     // training state round trip
     GPT2Config sc = tiny_config(4, 2, 1, 2);
@@ -524,14 +544,14 @@ static void test_bad_checkpoints(void) {
         if (cases[i].field >= 0) { memcpy(mod + 4 * cases[i].field, &cases[i].value, 4); }
         write_bytes(bad, mod, cases[i].size >= 0 ? (size_t)cases[i].size : (size_t)size);
         err[0] = '\0';
-        int rc = gpt2_load_checkpoint(&b, bad, NULL, 0.0f, 0, err, sizeof(err));
+        int rc = gpt2_load_checkpoint(&b, bad, NULL, 0.0f, 0, solo, err, sizeof(err));
         char tname[128];
         snprintf(tname, sizeof(tname), "bad_input/checkpoint_%s", cases[i].name);
         check(rc != 0 && strstr(err, bad) != NULL && strstr(err, cases[i].expect) != NULL, tname, "\"%s\"", err);
         if (rc == 0) { gpt2_free(&b); }
         free(mod);
     }
-    int rc = gpt2_load_checkpoint(&b, "/nonexistent/model.bin", NULL, 0.0f, 0, err, sizeof(err));
+    int rc = gpt2_load_checkpoint(&b, "/nonexistent/model.bin", NULL, 0.0f, 0, solo, err, sizeof(err));
     check(rc != 0 && strstr(err, "/nonexistent/model.bin") != NULL, "bad_input/checkpoint_missing", "\"%s\"", err);
     // a state file for another model
     GPT2Config c2 = tiny_config(8, 2, 1, 2);
@@ -705,7 +725,224 @@ static void test_tokenizer(void) {
 }
 #endif
 
+#ifdef TEST_MPI
+// ----------------------------------------------------------------------------
+// expert parallelism over MPI (run under mpirun with W = 1, 2, 4 ranks). Rank 0 also runs the
+// whole batch in a world of its own (the single-process run) and compares.
+
+static Comm world;
+
+// every rank gets rank 0's temporary folder, so they share files
+static void share_tmpdir(void) {
+    if (world.rank == 0) { make_tmpdir(); }
+    MPI_Bcast(tmpdir, sizeof(tmpdir), MPI_CHAR, 0, world.mpi);
+}
+
+// checks on rank 0 of something every rank computed: ok only if it holds on every rank
+static void check_all(int cond, const char* name, const char* fmt, double value) {
+    int all = cond;
+    MPI_Allreduce(MPI_IN_PLACE, &all, 1, MPI_INT, MPI_MIN, world.mpi);
+    if (world.rank == 0) { check(all, name, fmt, value); }
+}
+
+// gathers the expert tensor k of every rank into out (rank 0), in the single-process layout
+static void gather_expert_tensor(const GPT2* model, int k, float* out) {
+    size_t off = 0;
+    for (int j = 0; j < k; j++) { off += model->param_sizes[j]; }
+    int Lm = num_moe_layers(&model->config);
+    size_t slice = model->param_sizes[k] / Lm;
+    for (int m = 0; m < Lm; m++) {
+        gather_floats(model->grads_memory + off + m * slice, out + m * slice * world.world, slice, &world);
+    }
+}
+
+// W ranks on the same global batch as one process: losses of 10 AdamW steps, gradients of a
+// replicated (qkvw) and an expert (expfcw) tensor after the first step
+static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_factor, int force_rank_experts) {
+    int W = world.world, Bg = 4, T = 8, Bl = Bg / W, Ng = Bg * T;
+    char path[512], tname[160], err[1024];
+    snprintf(path, sizeof(path), "%s/%s.bin", tmpdir, name);
+    GPT2 ref;
+    int x[32], y[32];
+    random_tokens(x, Ng, c.vocab_size, 101);
+    random_tokens(y, Ng, c.vocab_size, 102);
+    if (world.rank == 0) {
+        random_model(&ref, &c, 77);
+        if (force_rank_experts) {
+            // every token prefers the last rank's experts: ln2 maps every row to about ln2b, and the
+            // router scores the last E/W experts high on that direction and the others low
+            size_t C = c.channels, E = c.num_experts;
+            for (size_t i = 0; i < ref.param_sizes[8]; i++) { ref.params.ln2w[i] *= 0.01f; ref.params.ln2b[i] = 1.0f; }
+            for (int m = 0; m < num_moe_layers(&c); m++) {
+                for (size_t e = 0; e < E; e++) {
+                    int mine = (int)e >= (int)E - (int)E / W;
+                    for (size_t i = 0; i < C; i++) { ref.params.routerw[(m * E + e) * C + i] = (mine ? 1.0f : -1.0f) + 0.01f * e; }
+                }
+            }
+        }
+        gpt2_write_checkpoint(&ref, path);
+        ref.capacity_factor = capacity_factor;
+    }
+    MPI_Barrier(world.mpi);
+    GPT2 ep;
+    int rc = gpt2_load_checkpoint(&ep, path, NULL, 0.0f, 0, world, err, sizeof(err));
+    snprintf(tname, sizeof(tname), "ep/W%d/%s/load_split", W, name);
+    check_all(rc == 0, tname, "E_local %.0f", ep.E_local);
+    ep.capacity_factor = capacity_factor;
+    double worst_loss = 0.0;
+    int nsteps = 10;
+    for (int step = 0; step < nsteps; step++) {
+        gpt2_forward(&ep, x + world.rank * Bl * T, y + world.rank * Bl * T, Bl, T);
+        double loss = mean_over_ranks(ep.total_loss, &world);
+        long long dropped = ep.dropped_slots;
+        gpt2_zero_grad(&ep);
+        gpt2_backward(&ep, 1.0f / W);
+        gpt2_allreduce_grads(&ep);
+        if (world.rank == 0) {
+            gpt2_forward(&ref, x, y, Bg, T);
+            gpt2_zero_grad(&ref);
+            gpt2_backward(&ref, 1.0f);
+            double e = fabs(loss - ref.total_loss);
+            if (e > worst_loss) { worst_loss = e; }
+            if (step == 0) {
+                snprintf(tname, sizeof(tname), "ep/W%d/%s/dropped", W, name);
+                check(dropped == ref.dropped_slots && (capacity_factor <= 0 || dropped > 0), tname, "%lld dropped slots (single process %lld)", dropped, ref.dropped_slots);
+            }
+        }
+        if (step == 0) {
+            // replicated tensor: the sum over ranks reorders fp32 additions, ~1e-7 relative
+            size_t off = 0;
+            for (int j = 0; j < 4; j++) { off += ep.param_sizes[j]; }
+            double e = world.rank == 0 ? max_abs_diff(ep.grads_memory + off, ref.grads_memory + off, ep.param_sizes[4]) : 0.0;
+            double sc = world.rank == 0 ? max_abs(ref.grads_memory + off, ref.param_sizes[4]) : 1.0;
+            snprintf(tname, sizeof(tname), "ep/W%d/%s/grad_qkvw_replicated", W, name);
+            check_all(e <= 1e-5 * sc, tname, "max abs err %.2e (bound 1e-5 of max |grad|)", e);
+            // expert tensor: gathered from the owners
+            float* all = world.rank == 0 ? (float*)mallocCheck(ref.param_sizes[15] * sizeof(float)) : NULL;
+            gather_expert_tensor(&ep, 15, all);
+            if (world.rank == 0) {
+                size_t roff = 0;
+                for (int j = 0; j < 15; j++) { roff += ref.param_sizes[j]; }
+                e = max_abs_diff(all, ref.grads_memory + roff, ref.param_sizes[15]);
+                sc = max_abs(ref.grads_memory + roff, ref.param_sizes[15]);
+                snprintf(tname, sizeof(tname), "ep/W%d/%s/grad_expfcw_expert", W, name);
+                check(e <= 1e-5 * sc && sc > 0, tname, "max abs err %.2e of max |grad| %.2e (bound 1e-5 relative)", e, sc);
+                free(all);
+            }
+            if (force_rank_experts) { // the last rank received every slot of the batch
+                int S = Bl * T * c.top_k;
+                int got = 0;
+                for (int q = 0; q < W; q++) { got += ep.routing.recv_rows[q]; }
+                // every token picks the same K experts (the router's top two), both on the last
+                // rank; with capacity each keeps cap of them
+                long long cap = moe_capacity(capacity_factor, (long long)Bg * T, c.top_k, c.num_experts);
+                long long all_slots = (long long)W * S, kept = c.top_k * cap < all_slots ? c.top_k * cap : all_slots;
+                int want = world.rank == W - 1 ? (int)kept : 0;
+                int got_last = got;
+                MPI_Bcast(&got_last, 1, MPI_INT, W - 1, world.mpi);
+                snprintf(tname, sizeof(tname), "ep/W%d/%s/all_rows_to_last_rank", W, name);
+                check_all(got == want, tname, "the last rank received %.0f rows, the others none", got_last);
+            }
+        }
+        gpt2_update(&ep, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, 1.0f, step + 1);
+        if (world.rank == 0) { gpt2_update(&ref, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, 1.0f, step + 1); }
+    }
+    // fp32 reassociation in the gradient sums (~1e-7 relative) carried through 10 Adam steps
+    snprintf(tname, sizeof(tname), "ep/W%d/%s/losses_10_steps", W, name);
+    check_all(worst_loss < 1e-5, tname, "max abs loss diff vs single process %.2e (bound 1e-5)", worst_loss);
+    gpt2_free(&ep);
+    if (world.rank == 0) { gpt2_free(&ref); }
+}
+
+// a checkpoint written by one world size loads in another: mode "write" trains 2 steps and
+// writes path; mode "read" loads it split over this world, checks the logits against a
+// single-process load, and writes it back, which must give the same bytes
+static void test_ep_checkpoint(const char* mode, const char* path) {
+    GPT2Config c = tiny_config(8, 2, 1, 2);
+    int W = world.world, Bg = 4, T = 8, Bl = Bg / W;
+    int x[32], y[32];
+    random_tokens(x, Bg * T, c.vocab_size, 201);
+    random_tokens(y, Bg * T, c.vocab_size, 202);
+    char err[1024], tname[160];
+    GPT2 ep;
+    if (strcmp(mode, "write") == 0) {
+        gpt2_allocate(&ep, &c, world);
+        gpt2_init_random(&ep, 5);
+        for (int step = 0; step < 2; step++) {
+            gpt2_forward(&ep, x + world.rank * Bl * T, y + world.rank * Bl * T, Bl, T);
+            gpt2_zero_grad(&ep);
+            gpt2_backward(&ep, 1.0f / W);
+            gpt2_allreduce_grads(&ep);
+            gpt2_update(&ep, 1e-3f, 0.9f, 0.999f, 1e-8f, 0.1f, 1.0f, step + 1);
+        }
+        gpt2_write_checkpoint(&ep, path);
+        snprintf(tname, sizeof(tname), "ep/W%d/checkpoint_write", W);
+        check_all(access(path, R_OK) == 0, tname, "written by %.0f ranks", W);
+        gpt2_free(&ep);
+        return;
+    }
+    int rc = gpt2_load_checkpoint(&ep, path, NULL, 0.0f, 0, world, err, sizeof(err));
+    snprintf(tname, sizeof(tname), "ep/W%d/checkpoint_load", W);
+    check_all(rc == 0, tname, "E_local %.0f", ep.E_local);
+    gpt2_forward(&ep, x + world.rank * Bl * T, y + world.rank * Bl * T, Bl, T);
+    float* logits = world.rank == 0 ? (float*)mallocCheck((size_t)Bg * T * c.padded_vocab_size * sizeof(float)) : NULL;
+    MPI_Gather(ep.acts.logits, Bl * T * c.padded_vocab_size, MPI_FLOAT, logits, Bl * T * c.padded_vocab_size, MPI_FLOAT, 0, world.mpi);
+    char again[600];
+    snprintf(again, sizeof(again), "%s.again", path);
+    gpt2_write_checkpoint(&ep, again);
+    if (world.rank == 0) {
+        GPT2 one;
+        rc = gpt2_load_checkpoint(&one, path, NULL, 0.0f, 0, solo, err, sizeof(err));
+        gpt2_forward(&one, x, y, Bg, T);
+        double e = max_abs_diff(logits, one.acts.logits, (size_t)Bg * T * c.padded_vocab_size);
+        snprintf(tname, sizeof(tname), "ep/W%d/checkpoint_same_logits", W);
+        check(rc == 0 && e == 0.0, tname, "max abs logit diff %.1e vs the single-process load (bitwise)", e);
+        char cmd[1300];
+        snprintf(cmd, sizeof(cmd), "cmp -s %s %s", path, again);
+        snprintf(tname, sizeof(tname), "ep/W%d/checkpoint_rewrite_identical", W);
+        check(system(cmd) == 0, tname, "%s", "written back by this world, byte for byte");
+        gpt2_free(&one);
+        free(logits);
+    }
+    gpt2_free(&ep);
+}
+
+int main(int argc, char** argv) {
+    world = comm_init(&argc, &argv);
+    solo = comm_self();
+    if (argc == 3 && strcmp(argv[1], "--fail-rank") == 0) {
+        // one rank cannot read its data: everyone must stop, with one message, without hanging
+        int bad = world.rank == atoi(argv[2]);
+        char err[256];
+        snprintf(err, sizeof(err), "dataloader: /nonexistent/shard_%d.bin: no files match this pattern", world.rank);
+        comm_check_all(bad, err, &world);
+        comm_finalize(&world);
+        return 0;
+    }
+    if (argc == 3) { // checkpoint across world sizes: --write PATH or --read PATH
+        test_ep_checkpoint(argv[1] + 2, argv[2]);
+    } else {
+        share_tmpdir();
+        test_ep_equivalence("dropless", tiny_config(4, 2, 1, 2), 0.0f, 0);
+        test_ep_equivalence("capacity", tiny_config(4, 2, 2, 3), 0.5f, 0);
+        test_ep_equivalence("forced_to_last_rank", tiny_config(8, 2, 1, 2), 0.0f, 1);
+        test_ep_equivalence("forced_with_capacity", tiny_config(8, 2, 1, 2), 1.0f, 1);
+        MPI_Barrier(world.mpi);
+        if (world.rank == 0) {
+            char cmd[300];
+            snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
+            if (system(cmd) != 0) { printf("warning: could not remove %s\n", tmpdir); }
+        }
+    }
+    int failed = tests_failed;
+    MPI_Bcast(&failed, 1, MPI_INT, 0, world.mpi);
+    if (world.rank == 0) { printf("%d passed, %d failed\n", tests_passed, tests_failed); }
+    comm_finalize(&world);
+    return failed == 0 ? 0 : 1;
+}
+#else
 int main(void) {
+    solo = comm_make(0, 1);
     make_tmpdir();
 #ifdef TEST_F64
     test_finite_differences();
@@ -729,3 +966,4 @@ int main(void) {
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed == 0 ? 0 : 1;
 }
+#endif

@@ -36,21 +36,32 @@ Build and run: see README.md (`make run`, `make test`).
 #ifdef OMP
 #include <omp.h>
 #endif
+#ifdef USE_MPI
+#include <mpi.h>
+#endif
 #include "tokenizer.h"  // defines: Tokenizer, tokenizer_init, tokenizer_decode, tokenizer_free
 #include "dataloader.h" // defines: DataLoader, dataloader_init, dataloader_next_batch, ...
 
 // ----------------------------------------------------------------------------
 // error checking: each macro names the failing call, the file and the line
 
-#define printf0 printf // the MPI build redefines it to print on rank 0 only (issue 4)
+// printf on rank 0 only (every process is rank 0 without MPI)
+static int process_rank = 0;
+#define printf0(...) do { if (process_rank == 0) { printf(__VA_ARGS__); } } while (0)
 
+// Errors print one line and exit non-zero. While every rank runs the same checks on the same
+// input (flags, config), only rank 0 prints, so W processes give one line, not W.
+static int errors_on_every_rank = 0; // set where ranks can fail for different reasons
 static void fail_exit(const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
+    if (process_rank == 0 || errors_on_every_rank) {
+        va_list args;
+        va_start(args, fmt);
+        fprintf(stderr, "error: ");
+        if (process_rank > 0) { fprintf(stderr, "rank %d: ", process_rank); }
+        vfprintf(stderr, fmt, args);
+        fprintf(stderr, "\n");
+        va_end(args);
+    }
     exit(EXIT_FAILURE);
 }
 
@@ -102,6 +113,159 @@ static void normal_fill(float* out, size_t n, float std, uint64_t* state) {
         float u1 = random_f32(state), u2 = random_f32(state);
         out[i] = std * sqrtf(-2.0f * logf(1.0f - u1)) * cosf(2.0f * (float)M_PI * u2);
     }
+}
+
+// ----------------------------------------------------------------------------
+// expert-parallel communication: W processes, MPI between them when built with -DUSE_MPI.
+// Without MPI (or with W = 1) the same calls are local copies, so one code path serves both.
+
+typedef struct {
+    int rank;  // this process
+    int world; // W
+    int* scratch; // (4*W) counts and displacements for the v-collectives
+#ifdef USE_MPI
+    MPI_Comm mpi;
+#endif
+} Comm;
+
+#ifdef USE_MPI
+static void mpi_check(int status, const char* call, const char* file, int line) {
+    if (status != MPI_SUCCESS) {
+        char msg[MPI_MAX_ERROR_STRING];
+        int len = 0;
+        MPI_Error_string(status, msg, &len);
+        fail_exit("%s failed at %s:%d: %s", call, file, line, msg);
+    }
+}
+#define mpiCheck(call) mpi_check((call), #call, __FILE__, __LINE__)
+#endif
+
+Comm comm_make(int rank, int world) {
+    Comm c;
+    memset(&c, 0, sizeof(c));
+    c.rank = rank;
+    c.world = world;
+    c.scratch = (int*)callocCheck(4 * world, sizeof(int));
+    return c;
+}
+
+// the world of processes this run was launched with (mpirun), or a world of one
+Comm comm_init(int* argc, char*** argv) {
+#ifdef USE_MPI
+    mpiCheck(MPI_Init(argc, argv));
+    int rank, world;
+    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &world));
+    Comm c = comm_make(rank, world);
+    c.mpi = MPI_COMM_WORLD;
+#else
+    (void)argc; (void)argv;
+    Comm c = comm_make(0, 1);
+#endif
+    process_rank = c.rank;
+    return c;
+}
+
+// a world of one inside an MPI run (tests compare W ranks against it)
+Comm comm_self(void) {
+    Comm c = comm_make(0, 1);
+#ifdef USE_MPI
+    c.mpi = MPI_COMM_SELF;
+#endif
+    return c;
+}
+
+void comm_free(Comm* c) { free(c->scratch); c->scratch = NULL; }
+
+void comm_finalize(Comm* c) {
+    comm_free(c);
+#ifdef USE_MPI
+    MPI_Finalize();
+#endif
+}
+
+// each rank sends send_rows[q] rows of C floats to rank q, in rank order, and receives
+// recv_rows[q] rows from rank q, stored in rank order
+void alltoall_rows(const float* send, const int* send_rows, float* recv, const int* recv_rows, // (sum send_rows, C), (W), ..
+                   int C, const Comm* comm) {
+#ifdef USE_MPI
+    if (comm->world > 1) {
+        int W = comm->world;
+        int* sc = comm->scratch; int* sd = sc + W; int* rc = sc + 2 * W; int* rd = sc + 3 * W;
+        for (int q = 0, so = 0, ro = 0; q < W; q++) {
+            sc[q] = send_rows[q] * C; sd[q] = so; so += sc[q];
+            rc[q] = recv_rows[q] * C; rd[q] = ro; ro += rc[q];
+        }
+        mpiCheck(MPI_Alltoallv(send, sc, sd, MPI_FLOAT, recv, rc, rd, MPI_FLOAT, comm->mpi));
+        return;
+    }
+#endif
+    (void)recv_rows;
+    if (send != recv) { memcpy(recv, send, (size_t)send_rows[0] * C * sizeof(float)); }
+}
+
+// recv (W*n) = every rank's n ints, in rank order
+void allgather_ints(const int* send, int* recv, int n, const Comm* comm) {
+#ifdef USE_MPI
+    if (comm->world > 1) { mpiCheck(MPI_Allgather(send, n, MPI_INT, recv, n, MPI_INT, comm->mpi)); return; }
+#endif
+    (void)comm;
+    memcpy(recv, send, n * sizeof(int));
+}
+
+// in place: buf = sum over ranks of buf
+void allreduce_floats(float* buf, size_t n, const Comm* comm) {
+#ifdef USE_MPI
+    if (comm->world > 1 && n > 0) { mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, comm->mpi)); }
+#endif
+    (void)buf; (void)n; (void)comm;
+}
+
+void allreduce_doubles(double* buf, int n, const Comm* comm) {
+#ifdef USE_MPI
+    if (comm->world > 1) { mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, comm->mpi)); }
+#endif
+    (void)buf; (void)n; (void)comm;
+}
+
+// out (W*n) on rank 0 = every rank's n floats in rank order; out is unused elsewhere
+void gather_floats(const float* send, float* out, size_t n, const Comm* comm) {
+#ifdef USE_MPI
+    if (comm->world > 1) { mpiCheck(MPI_Gather(send, (int)n, MPI_FLOAT, out, (int)n, MPI_FLOAT, 0, comm->mpi)); return; }
+#endif
+    (void)comm;
+    memcpy(out, send, n * sizeof(float));
+}
+
+void comm_barrier(const Comm* comm) {
+#ifdef USE_MPI
+    if (comm->world > 1) { mpiCheck(MPI_Barrier(comm->mpi)); }
+#endif
+    (void)comm;
+}
+
+// A collective check: every rank says whether it failed (with a message). If any did, rank 0
+// prints the lowest failing rank's message as one line and every rank exits non-zero, so a
+// problem seen by one rank neither hangs the others nor prints W times.
+void comm_check_all(int failed, const char* msg, const Comm* comm) {
+#ifdef USE_MPI
+    if (comm->world > 1) {
+        int first = failed ? comm->rank : comm->world;
+        mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm->mpi));
+        if (first == comm->world) { return; }
+        char buf[1024] = {0};
+        if (comm->rank == first) { snprintf(buf, sizeof(buf), "%s", msg); }
+        mpiCheck(MPI_Bcast(buf, sizeof(buf), MPI_CHAR, first, comm->mpi));
+        if (comm->rank == 0) {
+            if (first > 0) { fprintf(stderr, "error: rank %d: %s\n", first, buf); }
+            else { fprintf(stderr, "error: %s\n", buf); }
+        }
+        MPI_Finalize();
+        exit(EXIT_FAILURE);
+    }
+#endif
+    (void)comm;
+    if (failed) { fail_exit("%s", msg); }
 }
 
 // ----------------------------------------------------------------------------
@@ -397,13 +561,21 @@ void crossentropy_softmax_backward(float* dlogits, // (N,Vp)
 
 // ----------------------------------------------------------------------------
 // the MoE layer
+//
+// With W processes (expert parallelism), rank r owns experts [r*E/W, (r+1)*E/W). Each rank routes
+// its own N tokens; the S = N*K slots travel to the experts' owners and back:
+//   sender:   route -> count -> (all ranks' counts) -> capacity -> layout -> gather rows
+//   dispatch: all-to-all of rows (rows to rank q are q's experts' rows, in expert order)
+//   receiver: reorder by expert -> experts -> reorder by source
+//   combine:  all-to-all back -> gate-weighted sum per token
+// With W = 1 the all-to-alls are copies and the reorderings are the identity.
 
 // router: logits = x @ Wr^T (fp32), softmax, top-k by probability (ties to the lower expert
 // index), gates = the chosen probabilities (renormalised to sum 1 when renorm and K > 1).
-// Returns the two auxiliary losses of this layer (unweighted) through lb_loss and z_loss.
+// Counts the slots routed to each expert; returns the router z-loss of these tokens.
 void moe_router_forward(float* logits, float* probs, // (N,E), (N,E)
                         int* expert_idx, float* gates, int* expert_counts, // (N,K), (N,K), (E)
-                        float* lb_loss, float* z_loss,
+                        float* z_loss,
                         const float* x, const float* routerw, // (N,C), (E,C)
                         int N, int C, int E, int K, int renorm) {
     matmul_forward(logits, x, routerw, NULL, N, C, E);
@@ -437,18 +609,20 @@ void moe_router_forward(float* logits, float* probs, // (N,E), (N,E)
             for (int j = 0; j < K; j++) { gates[i * K + j] /= gate_sum; }
         }
     }
-    // Switch load balancing: E * sum_e f_e * P_e, f_e from the routed slots (before capacity),
-    // P_e the mean of the full softmax
+    *z_loss = (float)(z / N);
+}
+
+// Switch load balancing E * sum_e f_e * P_e: f_e = counts[e] / slots from the routed slots of the
+// whole batch (all ranks, before capacity), P_e the mean of the full softmax over these N tokens.
+// Averaged over ranks (equal N each) it is the loss of the whole batch.
+float moe_load_balance_forward(const float* probs, const int* counts, long long slots, int N, int E) { // (N,E), (E)
     double lb = 0.0;
     for (int e = 0; e < E; e++) {
         double P = 0.0;
         for (int i = 0; i < N; i++) { P += probs[i * E + e]; }
-        P /= N;
-        double f = (double)expert_counts[e] / ((double)N * K);
-        lb += f * P;
+        lb += ((double)counts[e] / slots) * (P / N);
     }
-    *lb_loss = (float)(E * lb);
-    *z_loss = (float)(z / N);
+    return (float)(E * lb);
 }
 
 // dgates: gradient at the gates (from the combine); lb_scale, z_scale: d(loss)/d(lb), d(loss)/d(z)
@@ -457,7 +631,8 @@ void moe_router_backward(float* dx, float* drouterw, // (N,C), (E,C)
                          const float* dgates, // (N,K)
                          const float* x, const float* routerw, // (N,C), (E,C)
                          const float* logits, const float* probs, // (N,E), (N,E)
-                         const int* expert_idx, const float* gates, const int* expert_counts, // (N,K), (N,K), (E)
+                         const int* expert_idx, const float* gates, // (N,K), (N,K)
+                         const int* counts, long long slots, // (E) as in moe_load_balance_forward
                          float lb_scale, float z_scale,
                          int N, int C, int E, int K, int renorm) {
     for (int i = 0; i < N; i++) {
@@ -469,7 +644,7 @@ void moe_router_backward(float* dx, float* drouterw, // (N,C), (E,C)
         const float* dg_i = dgates + i * K;
         // load balancing: d(E * sum_e f_e * mean_t p_te)/dp_te = E * f_e / N
         for (int e = 0; e < E; e++) {
-            dprobs_i[e] = lb_scale * E * ((float)expert_counts[e] / ((float)N * K)) / N;
+            dprobs_i[e] = lb_scale * E * (float)((double)counts[e] / slots) / N;
         }
         // gates: g_j = p_j / s with s = sum of the chosen p, so dp_j = (dg_j - sum_j' dg_j' g_j') / s
         if (renorm && K > 1) {
@@ -495,58 +670,100 @@ void moe_router_backward(float* dx, float* drouterw, // (N,C), (E,C)
     matmul_backward(dx, drouterw, NULL, dlogits, x, routerw, N, C, E);
 }
 
-// Slots s = i*K + j (token i, j-th choice) sorted stably by expert: row r of the dispatched
-// buffer holds slot row_slot[r]; expert e owns rows [expert_offsets[e], expert_offsets[e+1]).
-// An expert keeps its first cap slots in slot order and drops the rest (slot_row[s] = -1).
-// Returns the number of dropped slots. Plain C, shared by the CPU and GPU paths.
-int moe_dispatch_layout(int* slot_row, int* row_slot, int* expert_offsets, // (S), (S), (E+1)
-                        const int* expert_idx, int S, int E, int cap) { // (S)
-    int* fill = (int*)callocCheck(E, sizeof(int));
-    for (int s = 0; s < S; s++) { fill[expert_idx[s]]++; }
-    expert_offsets[0] = 0;
+// capacity per expert: ceil(capacity_factor * N * K / E) slots, N the tokens of the whole batch
+// (all ranks); <= 0 means dropless
+int moe_capacity(float capacity_factor, long long N, int K, int E) {
+    if (capacity_factor <= 0.0f) { return INT_MAX; }
+    return (int)ceil((double)capacity_factor * N * K / E);
+}
+
+// The dispatch layout, plain C shared by the CPU and GPU paths. counts (W,E): slots each rank
+// routed to each expert (every rank knows all of them after an all-gather). An expert keeps its
+// first cap slots in the order (source rank, slot), the order a single process with the whole
+// batch would see. kept (W,E) receives the kept counts; returns the number of dropped slots.
+long long moe_capacity_plan(int* kept, const int* counts, int W, int E, int cap) { // (W,E), (W,E)
+    long long dropped = 0;
     for (int e = 0; e < E; e++) {
-        int kept = fill[e] < cap ? fill[e] : cap;
-        expert_offsets[e + 1] = expert_offsets[e] + kept;
-        fill[e] = 0;
+        long long room = cap;
+        for (int q = 0; q < W; q++) {
+            int c = counts[q * E + e];
+            int k = room <= 0 ? 0 : (c < room ? c : (int)room);
+            kept[q * E + e] = k;
+            room -= k;
+            dropped += c - k;
+        }
     }
-    int dropped = 0;
+    return dropped;
+}
+
+// Sender side: slots s = i*K + j (token i, j-th choice) sorted stably by expert, keeping the first
+// kept[e] of each expert. Row r of the send buffer holds slot row_slot[r]; expert e's rows are
+// [send_offsets[e], send_offsets[e+1]); slot_row[s] = -1 for a dropped slot.
+void moe_dispatch_layout(int* slot_row, int* row_slot, int* send_offsets, int* fill, // (S), (S), (E+1), (E) scratch
+                         const int* expert_idx, const int* kept, int S, int E) { // (S), (E)
+    send_offsets[0] = 0;
+    for (int e = 0; e < E; e++) { send_offsets[e + 1] = send_offsets[e] + kept[e]; fill[e] = 0; }
     for (int s = 0; s < S; s++) {
         int e = expert_idx[s];
-        if (fill[e] < cap) {
-            int r = expert_offsets[e] + fill[e]++;
+        if (fill[e] < kept[e]) {
+            int r = send_offsets[e] + fill[e]++;
             slot_row[s] = r;
             row_slot[r] = s;
         } else {
             slot_row[s] = -1;
-            dropped++;
         }
     }
-    free(fill);
-    return dropped;
 }
 
-// capacity per expert: ceil(capacity_factor * N * K / E) slots; <= 0 means dropless
-int moe_capacity(float capacity_factor, int N, int K, int E) {
-    if (capacity_factor <= 0.0f) { return N * K; }
-    return (int)ceil((double)capacity_factor * N * K / E);
+// Receiver side: rows arrive by source rank, each source's rows by expert. recv_perm[i] is the
+// position of received row i once regrouped by local expert (then source, then slot);
+// expert_offsets over the regrouped rows; recv_rows[q] = rows from rank q. Returns the row count.
+int moe_receive_layout(int* recv_perm, int* expert_offsets, int* recv_rows, // (R), (E_local+1), (W)
+                       const int* kept, int W, int E, int e0, int E_local) { // (W,E)
+    expert_offsets[0] = 0;
+    for (int el = 0; el < E_local; el++) {
+        int n = 0;
+        for (int q = 0; q < W; q++) { n += kept[q * E + e0 + el]; }
+        expert_offsets[el + 1] = expert_offsets[el] + n;
+    }
+    int i = 0;
+    for (int q = 0; q < W; q++) {
+        recv_rows[q] = 0;
+        for (int el = 0; el < E_local; el++) {
+            int before = 0; // rows of this expert from lower ranks
+            for (int qq = 0; qq < q; qq++) { before += kept[qq * E + e0 + el]; }
+            for (int k = 0; k < kept[q * E + e0 + el]; k++) { recv_perm[i++] = expert_offsets[el] + before + k; }
+            recv_rows[q] += kept[q * E + e0 + el];
+        }
+    }
+    return i;
 }
 
-void moe_dispatch_forward(float* expin, // (R,C) rows grouped by expert, R = number kept
+// gathers the kept slots' token rows into the send buffer
+void moe_dispatch_forward(float* sendbuf, // (R,C) rows grouped by expert
                           const float* x, const int* row_slot, // (N,C), (R)
                           int R, int C, int K) {
     for (int r = 0; r < R; r++) {
-        memcpy(expin + (size_t)r * C, x + (size_t)(row_slot[r] / K) * C, C * sizeof(float));
+        memcpy(sendbuf + (size_t)r * C, x + (size_t)(row_slot[r] / K) * C, C * sizeof(float));
     }
 }
 
 void moe_dispatch_backward(float* dx, // (N,C)
-                           const float* dexpin, const int* row_slot, // (R,C), (R)
+                           const float* dsendbuf, const int* row_slot, // (R,C), (R)
                            int R, int C, int K) {
     for (int r = 0; r < R; r++) {
         float* dx_i = dx + (size_t)(row_slot[r] / K) * C;
-        const float* d = dexpin + (size_t)r * C;
+        const float* d = dsendbuf + (size_t)r * C;
         for (int c = 0; c < C; c++) { dx_i[c] += d[c]; }
     }
+}
+
+// received order -> expert order (out[perm[i]] = in[i]), and back (out[i] = in[perm[i]])
+void moe_rows_to_experts(float* out, const float* in, const int* perm, int R, int C) { // (R,C), (R,C), (R)
+    for (int i = 0; i < R; i++) { memcpy(out + (size_t)perm[i] * C, in + (size_t)i * C, C * sizeof(float)); }
+}
+void moe_rows_to_sources(float* out, const float* in, const int* perm, int R, int C) {
+    for (int i = 0; i < R; i++) { memcpy(out + (size_t)i * C, in + (size_t)perm[i] * C, C * sizeof(float)); }
 }
 
 // each expert is a GPT-2 MLP: y = W2 gelu(W1 x + b1) + b2, over its own rows
@@ -582,9 +799,9 @@ void moe_experts_backward(float* dexpin, float* dexph, float* dexph_gelu, // (R,
     }
 }
 
-// out[i] = sum over token i's kept slots of gate * expert output
+// out[i] = sum over token i's kept slots of gate * expert output (y: rows in send order)
 void moe_combine_forward(float* out, // (N,C)
-                         const float* expout, const float* gates, const int* slot_row, // (R,C), (N,K), (S)
+                         const float* y, const float* gates, const int* slot_row, // (R,C), (N,K), (S)
                          int N, int C, int K) {
     for (int i = 0; i < N; i++) {
         float* out_i = out + (size_t)i * C;
@@ -592,26 +809,26 @@ void moe_combine_forward(float* out, // (N,C)
         for (int j = 0; j < K; j++) {
             int r = slot_row[i * K + j];
             if (r < 0) { continue; } // dropped: the token keeps only its residual for this slot
-            const float* y = expout + (size_t)r * C;
+            const float* y_r = y + (size_t)r * C;
             float g = gates[i * K + j];
-            for (int c = 0; c < C; c++) { out_i[c] += g * y[c]; }
+            for (int c = 0; c < C; c++) { out_i[c] += g * y_r[c]; }
         }
     }
 }
 
-void moe_combine_backward(float* dexpout, float* dgates, // (R,C), (N,K)
-                          const float* dout, const float* expout, const float* gates, const int* slot_row, // (N,C), (R,C), (N,K), (S)
+void moe_combine_backward(float* dy, float* dgates, // (R,C), (N,K)
+                          const float* dout, const float* y, const float* gates, const int* slot_row, // (N,C), (R,C), (N,K), (S)
                           int N, int C, int K) {
     for (int i = 0; i < N; i++) {
         const float* dout_i = dout + (size_t)i * C;
         for (int j = 0; j < K; j++) {
             int r = slot_row[i * K + j];
             if (r < 0) { continue; }
-            const float* y = expout + (size_t)r * C;
-            float* dy = dexpout + (size_t)r * C;
+            const float* y_r = y + (size_t)r * C;
+            float* dy_r = dy + (size_t)r * C;
             float g = gates[i * K + j];
             float dg = 0.0f;
-            for (int c = 0; c < C; c++) { dy[c] += g * dout_i[c]; dg += dout_i[c] * y[c]; }
+            for (int c = 0; c < C; c++) { dy_r[c] += g * dout_i[c]; dg += dout_i[c] * y_r[c]; }
             dgates[i * K + j] += dg;
         }
     }
@@ -670,10 +887,11 @@ typedef struct {
 static const int param_decays[NUM_PARAMETER_TENSORS] = {
     1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0};
 
-void fill_in_parameter_sizes(size_t* param_sizes, const GPT2Config* config) {
+// E_local: the experts this process holds (E / W; all E in a single process)
+void fill_in_parameter_sizes(size_t* param_sizes, const GPT2Config* config, int E_local) {
     size_t Vp = config->padded_vocab_size, C = config->channels, maxT = config->max_seq_len;
     size_t L = config->num_layers, Ld = num_dense_layers(config), Lm = num_moe_layers(config);
-    size_t E = config->num_experts, H = config->expert_hidden;
+    size_t E = config->num_experts, El = E_local, H = config->expert_hidden;
     param_sizes[0] = Vp * C;
     param_sizes[1] = maxT * C;
     param_sizes[2] = L * C;
@@ -688,14 +906,17 @@ void fill_in_parameter_sizes(size_t* param_sizes, const GPT2Config* config) {
     param_sizes[11] = Ld * (4 * C);
     param_sizes[12] = Ld * C * (4 * C);
     param_sizes[13] = Ld * C;
-    param_sizes[14] = Lm * E * C;
-    param_sizes[15] = Lm * E * H * C;
-    param_sizes[16] = Lm * E * H;
-    param_sizes[17] = Lm * E * C * H;
-    param_sizes[18] = Lm * E * C;
+    param_sizes[14] = Lm * E * C; // the router is replicated: every rank routes its own tokens
+    param_sizes[15] = Lm * El * H * C;
+    param_sizes[16] = Lm * El * H;
+    param_sizes[17] = Lm * El * C * H;
+    param_sizes[18] = Lm * El * C;
     param_sizes[19] = C;
     param_sizes[20] = C;
 }
+
+// the expert tensors (15..18) live on their owner; the others are replicated on every rank
+int is_expert_tensor(int k) { return k >= 15 && k <= 18; }
 
 // one allocation carved into the tensors
 float* malloc_and_point_parameters(ParameterTensors* params, const size_t* param_sizes) {
@@ -712,7 +933,7 @@ float* malloc_and_point_parameters(ParameterTensors* params, const size_t* param
     return params_memory;
 }
 
-#define NUM_ACTIVATION_TENSORS 30
+#define NUM_ACTIVATION_TENSORS 33
 typedef struct {
     float* encoded;       // (B, T, C)
     float* ln1;           // (L, B, T, C)
@@ -740,22 +961,28 @@ typedef struct {
     float* router_logits; // (Lm, N, E)
     float* router_probs;  // (Lm, N, E)
     float* gates;         // (Lm, N, K)
-    float* expin;         // (Lm, S, C) dispatched rows grouped by expert, S = N*K at most
-    float* exph;          // (Lm, S, H)
-    float* exph_gelu;     // (Lm, S, H)
-    float* expout;        // (Lm, S, C)
+    float* moe_y;         // (Lm, S, C) expert outputs back at the sender, in send order (S = N*K)
+    float* expin;         // (Lm, W*S, C) rows received by this rank's experts, grouped by expert
+    float* exph;          // (Lm, W*S, H)
+    float* exph_gelu;     // (Lm, W*S, H)
+    float* expout;        // (Lm, W*S, C)
+    float* sendbuf;       // (W*S, C) all-to-all staging, reused by every layer
+    float* recvbuf;       // (W*S, C)
 } ActivationTensors;
 
-void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T) {
+// W*S rows bound what one rank's experts can receive (dropless, every token to one rank)
+void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T, int W) {
     size_t C = config->channels, NH = config->num_heads, L = config->num_layers, Vp = config->padded_vocab_size;
     size_t Ld = num_dense_layers(config), Lm = num_moe_layers(config);
     size_t E = config->num_experts, K = config->top_k, H = config->expert_hidden;
-    size_t N = B * T, S = N * K;
+    size_t N = B * T, S = N * K, WS = (size_t)W * S;
+    if (Lm == 0) { WS = 0; }
     size_t sizes[NUM_ACTIVATION_TENSORS] = {
         N * C, L * N * C, L * N, L * N, L * N * 3 * C, L * N * C, L * B * NH * T * T, L * B * NH * T * T,
         L * N * C, L * N * C, L * N * C, L * N, L * N, Ld * N * 4 * C, Ld * N * 4 * C, L * N * C,
         L * N * C, N * C, N, N, N * Vp, N * Vp, N,
-        Lm * N * E, Lm * N * E, Lm * N * K, Lm * S * C, Lm * S * H, Lm * S * H, Lm * S * C};
+        Lm * N * E, Lm * N * E, Lm * N * K, Lm * S * C, Lm * WS * C, Lm * WS * H, Lm * WS * H, Lm * WS * C,
+        WS * C, WS * C};
     memcpy(act_sizes, sizes, sizeof(sizes));
 }
 
@@ -768,37 +995,48 @@ float* malloc_and_point_activations(ActivationTensors* acts, const size_t* act_s
         &acts->preatt, &acts->att, &acts->attproj, &acts->residual2, &acts->ln2, &acts->ln2_mean,
         &acts->ln2_rstd, &acts->fch, &acts->fch_gelu, &acts->mlpout, &acts->residual3, &acts->lnf,
         &acts->lnf_mean, &acts->lnf_rstd, &acts->logits, &acts->probs, &acts->losses,
-        &acts->router_logits, &acts->router_probs, &acts->gates, &acts->expin, &acts->exph,
-        &acts->exph_gelu, &acts->expout};
+        &acts->router_logits, &acts->router_probs, &acts->gates, &acts->moe_y, &acts->expin, &acts->exph,
+        &acts->exph_gelu, &acts->expout, &acts->sendbuf, &acts->recvbuf};
     float* iter = acts_memory;
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = iter; iter += act_sizes[i]; }
     return acts_memory;
 }
 
 // the integer side of routing, per MoE layer
+#define NUM_ROUTING_TENSORS 11
 typedef struct {
     int* expert_idx;     // (Lm, N, K) chosen experts, best first
-    int* expert_counts;  // (Lm, E) slots routed to each expert, before capacity
-    int* slot_row;       // (Lm, S) row of each slot in the dispatched buffer, -1 if dropped
-    int* row_slot;       // (Lm, S) slot of each dispatched row
-    int* expert_offsets; // (Lm, E+1) rows of expert e: [offsets[e], offsets[e+1])
-    int* dropped;        // (Lm) dropped slots
+    int* counts;         // (Lm, W, E) slots every rank routed to each expert, before capacity
+    int* kept;           // (Lm, W, E) of those, the slots each expert keeps
+    int* slot_row;       // (Lm, S) row of each slot in the send buffer, -1 if dropped
+    int* row_slot;       // (Lm, S) slot of each send-buffer row
+    int* send_offsets;   // (Lm, E+1) send rows of expert e: [send_offsets[e], send_offsets[e+1])
+    int* recv_rows;      // (Lm, W) rows received from each rank
+    int* recv_perm;      // (Lm, W*S) received row -> row grouped by local expert
+    int* expert_offsets; // (Lm, E_local+1) rows of local expert e: [offsets[e], offsets[e+1])
+    int* send_rows;      // (Lm, W) rows sent to each rank
+    int* scratch;        // (E) shared by the layers
 } MoERouting;
 
-int* malloc_and_point_routing(MoERouting* r, const GPT2Config* config, size_t B, size_t T) {
+int* malloc_and_point_routing(MoERouting* r, const GPT2Config* config, size_t B, size_t T, int W, int E_local) {
     size_t Lm = num_moe_layers(config), E = config->num_experts, K = config->top_k, S = B * T * K;
-    size_t sizes[6] = {Lm * S, Lm * E, Lm * S, Lm * S, Lm * (E + 1), Lm};
+    size_t sizes[NUM_ROUTING_TENSORS] = {Lm * S, Lm * W * E, Lm * W * E, Lm * S, Lm * S, Lm * (E + 1), Lm * W,
+                                         Lm * W * S, Lm * (E_local + 1), Lm * W, E};
     size_t total = 0;
-    for (int i = 0; i < 6; i++) { total += sizes[i]; }
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { total += sizes[i]; }
     int* memory = (int*)callocCheck(total + 1, sizeof(int));
-    int** ptrs[6] = {&r->expert_idx, &r->expert_counts, &r->slot_row, &r->row_slot, &r->expert_offsets, &r->dropped};
+    int** ptrs[NUM_ROUTING_TENSORS] = {&r->expert_idx, &r->counts, &r->kept, &r->slot_row, &r->row_slot,
+                                       &r->send_offsets, &r->recv_rows, &r->recv_perm, &r->expert_offsets, &r->send_rows, &r->scratch};
     int* iter = memory;
-    for (int i = 0; i < 6; i++) { *(ptrs[i]) = iter; iter += sizes[i]; }
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { *(ptrs[i]) = iter; iter += sizes[i]; }
     return memory;
 }
 
 typedef struct {
     GPT2Config config;
+    Comm comm;   // the expert-parallel group: W processes (W = 1 without MPI)
+    int E_local; // experts held here: E / W
+    int e0;      // the first of them: rank * E_local
     // weights, their gradients, AdamW moments
     ParameterTensors params;
     size_t param_sizes[NUM_PARAMETER_TENSORS];
@@ -816,7 +1054,7 @@ typedef struct {
     float* grads_acts_memory;
     MoERouting routing;
     int* routing_memory;
-    int batch_size; // B of the allocation
+    int batch_size; // B of the allocation (this rank's tokens)
     int seq_len;    // T of the allocation
     int* inputs;    // (B, T) of the last forward
     int* targets;   // (B, T) of the last forward
@@ -824,19 +1062,27 @@ typedef struct {
     float capacity_factor; // <= 0: dropless
     float aux_loss_weight; // load-balancing loss weight
     float z_loss_weight;   // router z-loss weight
-    // results of the last forward; -1 when it had no targets
+    // results of the last forward on this rank's tokens; -1 when it had no targets
     float mean_loss;  // cross-entropy
     float lb_loss;    // load-balancing loss summed over MoE layers, unweighted
     float z_loss;     // z-loss summed over MoE layers, unweighted
     float total_loss; // what the backward differentiates: ce + aux_w * lb + z_w * z
-    int dropped_slots; // summed over MoE layers
+    long long dropped_slots; // of the whole batch (all ranks), summed over MoE layers
+    // all-to-all rows this rank sent to / received from other ranks in the last forward and
+    // backward, summed over MoE layers: [0] dispatch, [1] combine, [2] combine's backward,
+    // [3] dispatch's backward (bytes = rows * C * 4)
+    long long a2a_sent[4], a2a_recv[4];
+    float lb_scale, z_scale; // d(loss)/d(lb), d(loss)/d(z) of the backward in progress
 } GPT2;
 
 // builds an empty model of this config: parameters allocated (zero), nothing else
-void gpt2_allocate(GPT2* model, const GPT2Config* config) {
+void gpt2_allocate(GPT2* model, const GPT2Config* config, Comm comm) {
     memset(model, 0, sizeof(GPT2));
     model->config = *config;
-    fill_in_parameter_sizes(model->param_sizes, config);
+    model->comm = comm;
+    model->E_local = config->num_experts > 1 ? config->num_experts / comm.world : 0;
+    model->e0 = comm.rank * model->E_local;
+    fill_in_parameter_sizes(model->param_sizes, config, model->E_local);
     model->num_parameters = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
     model->params_memory = malloc_and_point_parameters(&model->params, model->param_sizes);
@@ -846,29 +1092,154 @@ void gpt2_allocate(GPT2* model, const GPT2Config* config) {
     model->mean_loss = -1.0f;
 }
 
+// a stream of random numbers for one expert's tensor, the same whichever rank holds the expert
+static uint64_t expert_seed(uint64_t seed, int tensor, int moe_layer, int expert) {
+    return (seed * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)(tensor + 1) << 48) ^ ((uint64_t)(moe_layer + 1) << 32) ^ (uint64_t)(expert + 1) * 0xBF58476D1CE4E5B9ull;
+}
+
 // GPT-2 init (as llm.c): N(0, 0.02) weights, residual projections scaled by 1/sqrt(2L), zero
-// biases, unit layernorms; the router N(0, 0.02) too
+// biases, unit layernorms; the router N(0, 0.02) too. Each expert draws from its own stream,
+// so the model is the same for any number of ranks.
 void gpt2_init_random(GPT2* model, uint64_t seed) {
     uint64_t rng = seed * 0x9E3779B97F4A7C15ull + 1;
     const GPT2Config* c = &model->config;
     float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
     ParameterTensors* p = &model->params;
-    float* weights[] = {p->wte, p->wpe, p->qkvw, p->attprojw, p->fcw, p->fcprojw, p->routerw, p->expfcw, p->expprojw};
-    int tensor_ids[] = {0, 1, 4, 6, 10, 12, 14, 15, 17};
-    for (int i = 0; i < 9; i++) {
+    float* weights[] = {p->wte, p->wpe, p->qkvw, p->attprojw, p->fcw, p->fcprojw, p->routerw};
+    int tensor_ids[] = {0, 1, 4, 6, 10, 12, 14};
+    for (int i = 0; i < 7; i++) {
         int id = tensor_ids[i];
-        float std = (id == 6 || id == 12 || id == 17) ? residual_std : 0.02f;
+        float std = (id == 6 || id == 12) ? residual_std : 0.02f;
         normal_fill(weights[i], model->param_sizes[id], std, &rng);
+    }
+    size_t C = c->channels, H = c->expert_hidden;
+    for (int m = 0; m < num_moe_layers(c); m++) {
+        for (int el = 0; el < model->E_local; el++) {
+            size_t me = (size_t)m * model->E_local + el;
+            uint64_t r1 = expert_seed(seed, 15, m, model->e0 + el), r2 = expert_seed(seed, 17, m, model->e0 + el);
+            normal_fill(p->expfcw + me * H * C, H * C, 0.02f, &r1);
+            normal_fill(p->expprojw + me * C * H, C * H, residual_std, &r2);
+        }
     }
     for (size_t i = 0; i < model->param_sizes[2]; i++) { p->ln1w[i] = 1.0f; p->ln2w[i] = 1.0f; }
     for (int i = 0; i < c->channels; i++) { p->lnfw[i] = 1.0f; }
 }
 
+// the forward of one MoE layer on this rank's N tokens x (after ln2); out (N,C) is written.
+// Returns this rank's share of the layer's load-balancing and z-losses through lb and z.
+void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, float* lb, float* z) {
+    const GPT2Config* cfg = &model->config;
+    int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
+    int W = model->comm.world, El = model->E_local, S = N * K;
+    size_t WS = (size_t)W * model->batch_size * model->seq_len * K; // per-layer stride of expert buffers
+    const ParameterTensors* p = &model->params;
+    ActivationTensors a = model->acts;
+    MoERouting rt = model->routing;
+    int* idx = rt.expert_idx + (size_t)m * S;
+    int* counts = rt.counts + (size_t)m * W * E;
+    int* kept = rt.kept + (size_t)m * W * E;
+    int* slot_row = rt.slot_row + (size_t)m * S;
+    int* row_slot = rt.row_slot + (size_t)m * S;
+    int* send_offsets = rt.send_offsets + (size_t)m * (E + 1);
+    int* send_rows = rt.send_rows + (size_t)m * W;
+    int* recv_rows = rt.recv_rows + (size_t)m * W;
+    int* recv_perm = rt.recv_perm + (size_t)m * WS;
+    int* expert_offsets = rt.expert_offsets + (size_t)m * (El + 1);
+    float* gates = a.gates + (size_t)m * S;
+    float* y = a.moe_y + (size_t)m * S * C;
+    float* expin = a.expin + m * WS * C;
+    float* exph = a.exph + m * WS * H;
+    float* exph_gelu = a.exph_gelu + m * WS * H;
+    float* expout = a.expout + m * WS * C;
+    float* probs = a.router_probs + (size_t)m * N * E;
+
+    // route this rank's tokens, then share the counts: capacity and f_e need the whole batch
+    int* my_counts = counts + (size_t)model->comm.rank * E;
+    moe_router_forward(a.router_logits + (size_t)m * N * E, probs, idx, gates, my_counts, z, x,
+                       p->routerw + (size_t)m * E * C, N, C, E, K, cfg->renorm_gates);
+    memcpy(kept, my_counts, E * sizeof(int)); // allgather's send buffer may not alias its output
+    allgather_ints(kept, counts, E, &model->comm);
+    int* total = rt.scratch;
+    for (int e = 0; e < E; e++) { total[e] = 0; for (int q = 0; q < W; q++) { total[e] += counts[q * E + e]; } }
+    *lb = moe_load_balance_forward(probs, total, (long long)S * W, N, E);
+    int cap = moe_capacity(model->capacity_factor, (long long)N * W, K, E);
+    model->dropped_slots += moe_capacity_plan(kept, counts, W, E, cap);
+
+    // dispatch: gather the kept rows by expert, send each rank its experts' rows
+    moe_dispatch_layout(slot_row, row_slot, send_offsets, rt.scratch, idx, kept + (size_t)model->comm.rank * E, S, E);
+    for (int q = 0; q < W; q++) { send_rows[q] = send_offsets[(q + 1) * El] - send_offsets[q * El]; }
+    int R = moe_receive_layout(recv_perm, expert_offsets, recv_rows, kept, W, E, model->e0, El);
+    moe_dispatch_forward(a.sendbuf, x, row_slot, send_offsets[E], C, K);
+    alltoall_rows(a.sendbuf, send_rows, a.recvbuf, recv_rows, C, &model->comm);
+    moe_rows_to_experts(expin, a.recvbuf, recv_perm, R, C);
+    // the experts held here
+    moe_experts_forward(exph, exph_gelu, expout, expin, expert_offsets,
+                        p->expfcw + (size_t)m * El * H * C, p->expfcb + (size_t)m * El * H,
+                        p->expprojw + (size_t)m * El * C * H, p->expprojb + (size_t)m * El * C, El, C, H);
+    // combine: outputs back to their senders, gate-weighted sum per token
+    moe_rows_to_sources(a.recvbuf, expout, recv_perm, R, C);
+    alltoall_rows(a.recvbuf, recv_rows, y, send_rows, C, &model->comm);
+    moe_combine_forward(out, y, gates, slot_row, N, C, K);
+    for (int q = 0; q < W; q++) {
+        if (q == model->comm.rank) { continue; }
+        model->a2a_sent[0] += send_rows[q]; model->a2a_recv[0] += recv_rows[q];
+        model->a2a_sent[1] += recv_rows[q]; model->a2a_recv[1] += send_rows[q];
+    }
+}
+
+// the backward of one MoE layer: dout (N,C) at its output; dx (N,C) accumulates
+void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const float* x, int N) {
+    const GPT2Config* cfg = &model->config;
+    int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
+    int W = model->comm.world, El = model->E_local, S = N * K;
+    size_t WS = (size_t)W * model->batch_size * model->seq_len * K;
+    const ParameterTensors* p = &model->params;
+    ParameterTensors* g = &model->grads;
+    ActivationTensors a = model->acts, da = model->grads_acts;
+    MoERouting rt = model->routing;
+    int* slot_row = rt.slot_row + (size_t)m * S;
+    int* send_offsets = rt.send_offsets + (size_t)m * (E + 1);
+    int* send_rows = rt.send_rows + (size_t)m * W;
+    int* recv_rows = rt.recv_rows + (size_t)m * W;
+    int* recv_perm = rt.recv_perm + (size_t)m * WS;
+    int* expert_offsets = rt.expert_offsets + (size_t)m * (El + 1);
+    int* counts = rt.counts + (size_t)m * W * E;
+    int R = expert_offsets[El];
+    float* dy = da.moe_y + (size_t)m * S * C;
+    float* dexpout = da.expout + m * WS * C;
+    float* dexpin = da.expin + m * WS * C;
+    // combine backward: gradients at the expert outputs go to the experts' owners
+    moe_combine_backward(dy, da.gates + (size_t)m * S, dout, a.moe_y + (size_t)m * S * C, a.gates + (size_t)m * S, slot_row, N, C, K);
+    alltoall_rows(dy, send_rows, a.recvbuf, recv_rows, C, &model->comm);
+    moe_rows_to_experts(dexpout, a.recvbuf, recv_perm, R, C);
+    moe_experts_backward(dexpin, da.exph + m * WS * H, da.exph_gelu + m * WS * H,
+                         g->expfcw + (size_t)m * El * H * C, g->expfcb + (size_t)m * El * H,
+                         g->expprojw + (size_t)m * El * C * H, g->expprojb + (size_t)m * El * C,
+                         dexpout, a.expin + m * WS * C, a.exph + m * WS * H, a.exph_gelu + m * WS * H,
+                         expert_offsets, p->expfcw + (size_t)m * El * H * C, p->expprojw + (size_t)m * El * C * H, El, C, H);
+    // dispatch backward: input gradients back to the senders, scatter-added per token
+    moe_rows_to_sources(a.recvbuf, dexpin, recv_perm, R, C);
+    alltoall_rows(a.recvbuf, recv_rows, a.sendbuf, send_rows, C, &model->comm);
+    moe_dispatch_backward(dx, a.sendbuf, rt.row_slot + (size_t)m * S, send_offsets[E], C, K);
+    // router backward, with f_e of the whole batch
+    int* total = rt.scratch;
+    for (int e = 0; e < E; e++) { total[e] = 0; for (int q = 0; q < W; q++) { total[e] += counts[q * E + e]; } }
+    moe_router_backward(dx, g->routerw + (size_t)m * E * C, da.router_logits + (size_t)m * N * E, da.router_probs + (size_t)m * N * E,
+                        da.gates + (size_t)m * S, x, p->routerw + (size_t)m * E * C, a.router_logits + (size_t)m * N * E,
+                        a.router_probs + (size_t)m * N * E, rt.expert_idx + (size_t)m * S, a.gates + (size_t)m * S,
+                        total, (long long)S * W, model->lb_scale, model->z_scale, N, C, E, K, cfg->renorm_gates);
+    for (int q = 0; q < W; q++) {
+        if (q == model->comm.rank) { continue; }
+        model->a2a_sent[2] += send_rows[q]; model->a2a_recv[2] += recv_rows[q];
+        model->a2a_sent[3] += recv_rows[q]; model->a2a_recv[3] += send_rows[q];
+    }
+}
+
 void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, size_t T) {
     const GPT2Config* cfg = &model->config;
     size_t V = cfg->vocab_size, Vp = cfg->padded_vocab_size, L = cfg->num_layers;
-    size_t NH = cfg->num_heads, C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
-    size_t N = B * T, S = N * K;
+    size_t NH = cfg->num_heads, C = cfg->channels;
+    size_t N = B * T;
     for (size_t i = 0; i < N; i++) {
         if (inputs[i] < 0 || (size_t)inputs[i] >= V) { fail_exit("gpt2_forward: input token %d out of range [0, %zu)", inputs[i], V); }
         if (targets != NULL && (targets[i] < 0 || (size_t)targets[i] >= V)) { fail_exit("gpt2_forward: target token %d out of range [0, %zu)", targets[i], V); }
@@ -877,9 +1248,9 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
     if (model->acts_memory == NULL) {
         model->batch_size = B;
         model->seq_len = T;
-        fill_in_activation_sizes(model->act_sizes, cfg, B, T);
+        fill_in_activation_sizes(model->act_sizes, cfg, B, T, model->comm.world);
         model->acts_memory = malloc_and_point_activations(&model->acts, model->act_sizes);
-        model->routing_memory = malloc_and_point_routing(&model->routing, cfg, B, T);
+        model->routing_memory = malloc_and_point_routing(&model->routing, cfg, B, T, model->comm.world, model->E_local);
         model->inputs = (int*)mallocCheck(B * T * sizeof(int));
         model->targets = (int*)mallocCheck(B * T * sizeof(int));
     } else if (B * T > (size_t)model->batch_size * model->seq_len || T > (size_t)model->seq_len) {
@@ -890,10 +1261,9 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
 
     ParameterTensors p = model->params;
     ActivationTensors a = model->acts;
-    MoERouting rt = model->routing;
-    int cap = moe_capacity(model->capacity_factor, N, K, E);
     float lb_sum = 0.0f, z_sum = 0.0f;
-    int dropped = 0;
+    model->dropped_slots = 0;
+    for (int i = 0; i < 4; i++) { model->a2a_sent[i] = model->a2a_recv[i] = 0; }
     encoder_forward(a.encoded, inputs, p.wte, p.wpe, B, T, C);
     for (size_t l = 0; l < L; l++) {
         float* residual = l == 0 ? a.encoded : a.residual3 + (l - 1) * N * C;
@@ -914,23 +1284,10 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
         residual_forward(l_residual2, residual, l_attproj, N * C);
         layernorm_forward(l_ln2, a.ln2_mean + l * N, a.ln2_rstd + l * N, l_residual2, p.ln2w + l * C, p.ln2b + l * C, N, C);
         if (is_moe_layer(cfg, l)) {
-            size_t m = moe_layer_index(cfg, l);
             float lb, z;
-            int* offsets = rt.expert_offsets + m * (E + 1);
-            moe_router_forward(a.router_logits + m * N * E, a.router_probs + m * N * E,
-                               rt.expert_idx + m * S, a.gates + m * S, rt.expert_counts + m * E, &lb, &z,
-                               l_ln2, p.routerw + m * E * C, N, C, E, K, cfg->renorm_gates);
-            rt.dropped[m] = moe_dispatch_layout(rt.slot_row + m * S, rt.row_slot + m * S, offsets,
-                                                rt.expert_idx + m * S, S, E, cap);
-            int R = offsets[E];
-            moe_dispatch_forward(a.expin + m * S * C, l_ln2, rt.row_slot + m * S, R, C, K);
-            moe_experts_forward(a.exph + m * S * H, a.exph_gelu + m * S * H, a.expout + m * S * C,
-                                a.expin + m * S * C, offsets, p.expfcw + m * E * H * C, p.expfcb + m * E * H,
-                                p.expprojw + m * E * C * H, p.expprojb + m * E * C, E, C, H);
-            moe_combine_forward(l_mlpout, a.expout + m * S * C, a.gates + m * S, rt.slot_row + m * S, N, C, K);
+            moe_layer_forward(model, moe_layer_index(cfg, l), l_mlpout, l_ln2, N, &lb, &z);
             lb_sum += lb;
             z_sum += z;
-            dropped += rt.dropped[m];
         } else {
             size_t d = dense_layer_index(cfg, l);
             float* l_fch = a.fch + d * N * 4 * C;
@@ -947,7 +1304,6 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
     softmax_forward(a.probs, a.logits, N, V, Vp);
     model->lb_loss = lb_sum;
     model->z_loss = z_sum;
-    model->dropped_slots = dropped;
     if (targets != NULL) {
         crossentropy_forward(a.losses, a.probs, targets, N, Vp);
         double mean_loss = 0.0;
@@ -964,8 +1320,9 @@ void gpt2_zero_grad(GPT2* model) {
     if (model->grads_memory != NULL) { memset(model->grads_memory, 0, model->num_parameters * sizeof(float)); }
 }
 
-// backward of the last forward's total loss times loss_scale (1 / gradient accumulation steps);
-// parameter gradients accumulate
+// backward of the last forward's total loss times loss_scale; parameter gradients accumulate.
+// loss_scale = 1 / (gradient accumulation steps * W): summed over ranks (gpt2_allreduce_grads),
+// the gradients are those of the mean loss over the whole batch.
 void gpt2_backward(GPT2* model, float loss_scale) {
     if (model->mean_loss == -1.0f) { fail_exit("gpt2_backward: the forward pass had no targets"); }
     if (model->grads_memory == NULL) {
@@ -975,8 +1332,8 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     const GPT2Config* cfg = &model->config;
     size_t B = model->batch_size, T = model->seq_len; // the full allocation: training uses it
     size_t V = cfg->vocab_size, Vp = cfg->padded_vocab_size, L = cfg->num_layers;
-    size_t NH = cfg->num_heads, C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
-    size_t N = B * T, S = N * K;
+    size_t NH = cfg->num_heads, C = cfg->channels;
+    size_t N = B * T;
     size_t num_acts = 0;
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { num_acts += model->act_sizes[i]; }
     memset(model->grads_acts_memory, 0, num_acts * sizeof(float));
@@ -985,9 +1342,8 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     ParameterTensors g = model->grads;
     ActivationTensors a = model->acts;
     ActivationTensors da = model->grads_acts;
-    MoERouting rt = model->routing;
-    float lb_scale = loss_scale * model->aux_loss_weight;
-    float z_scale = loss_scale * model->z_loss_weight;
+    model->lb_scale = loss_scale * model->aux_loss_weight;
+    model->z_scale = loss_scale * model->z_loss_weight;
 
     crossentropy_softmax_backward(da.logits, a.probs, model->targets, loss_scale / N, N, V, Vp);
     matmul_backward(da.lnf, g.wte, NULL, da.logits, a.lnf, p.wte, N, C, Vp);
@@ -1004,20 +1360,7 @@ void gpt2_backward(GPT2* model, float loss_scale) {
         float* dl_ln2 = da.ln2 + l * N * C;
         residual_backward(dl_residual2, dl_mlpout, dl_residual3, N * C);
         if (is_moe_layer(cfg, l)) {
-            size_t m = moe_layer_index(cfg, l);
-            int* offsets = rt.expert_offsets + m * (E + 1);
-            int R = offsets[E];
-            moe_combine_backward(da.expout + m * S * C, da.gates + m * S, dl_mlpout, a.expout + m * S * C,
-                                 a.gates + m * S, rt.slot_row + m * S, N, C, K);
-            moe_experts_backward(da.expin + m * S * C, da.exph + m * S * H, da.exph_gelu + m * S * H,
-                                 g.expfcw + m * E * H * C, g.expfcb + m * E * H, g.expprojw + m * E * C * H, g.expprojb + m * E * C,
-                                 da.expout + m * S * C, a.expin + m * S * C, a.exph + m * S * H, a.exph_gelu + m * S * H,
-                                 offsets, p.expfcw + m * E * H * C, p.expprojw + m * E * C * H, E, C, H);
-            moe_dispatch_backward(dl_ln2, da.expin + m * S * C, rt.row_slot + m * S, R, C, K);
-            moe_router_backward(dl_ln2, g.routerw + m * E * C, da.router_logits + m * N * E, da.router_probs + m * N * E,
-                                da.gates + m * S, l_ln2, p.routerw + m * E * C, a.router_logits + m * N * E,
-                                a.router_probs + m * N * E, rt.expert_idx + m * S, a.gates + m * S,
-                                rt.expert_counts + m * E, lb_scale, z_scale, N, C, E, K, cfg->renorm_gates);
+            moe_layer_backward(model, moe_layer_index(cfg, l), dl_ln2, dl_mlpout, l_ln2, N);
         } else {
             size_t d = dense_layer_index(cfg, l);
             float* l_fch = a.fch + d * N * 4 * C;
@@ -1043,11 +1386,28 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     encoder_backward(g.wte, g.wpe, da.encoded, model->inputs, B, T, C);
 }
 
-// global gradient norm over every parameter, in double for an order-independent-enough sum
+// data parallelism for the replicated tensors: their gradients are summed over ranks. Expert
+// gradients stay on their owner (they already hold every rank's tokens' contributions).
+void gpt2_allreduce_grads(GPT2* model) {
+    size_t offset = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        if (!is_expert_tensor(k)) { allreduce_floats(model->grads_memory + offset, model->param_sizes[k], &model->comm); }
+        offset += model->param_sizes[k];
+    }
+}
+
+// global gradient norm over every parameter of the model (all ranks' experts), in double
 float gpt2_grad_norm(const GPT2* model) {
-    double sumsq = 0.0;
-    for (size_t i = 0; i < model->num_parameters; i++) { sumsq += (double)model->grads_memory[i] * model->grads_memory[i]; }
-    return (float)sqrt(sumsq);
+    double sums[2] = {0.0, 0.0}; // replicated (the same on every rank), this rank's experts
+    size_t offset = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        double s = 0.0;
+        for (size_t i = offset; i < offset + model->param_sizes[k]; i++) { s += (double)model->grads_memory[i] * model->grads_memory[i]; }
+        sums[is_expert_tensor(k)] += s;
+        offset += model->param_sizes[k];
+    }
+    allreduce_doubles(&sums[1], 1, &model->comm);
+    return (float)sqrt(sums[0] + sums[1]);
 }
 
 // clips the global gradient norm to grad_clip (as torch.nn.utils.clip_grad_norm_, off when
@@ -1147,8 +1507,11 @@ int gpt2_config_check(const GPT2Config* c, char* err, size_t errlen) {
     return 0;
 }
 
+// writes the whole model in the single-process format: rank 0 writes, gathering each MoE layer's
+// expert slices from their owners (collective: every rank calls it)
 void gpt2_write_checkpoint(const GPT2* model, const char* path) {
     const GPT2Config* c = &model->config;
+    const Comm* comm = &model->comm;
     int header[256] = {0};
     int moe = c->num_experts > 1;
     header[0] = moe ? MOE_MODEL_MAGIC : LLMC_MODEL_MAGIC;
@@ -1168,11 +1531,34 @@ void gpt2_write_checkpoint(const GPT2* model, const char* path) {
     }
     char tmp[4096];
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    FILE* fp = fopenCheck(tmp, "wb");
-    fwriteCheck(header, sizeof(int), 256, fp);
-    fwriteCheck(model->params_memory, sizeof(float), model->num_parameters, fp);
-    fcloseCheck(fp);
-    if (rename(tmp, path) != 0) { fail_exit("could not rename %s to %s", tmp, path); }
+    FILE* fp = NULL;
+    if (comm->rank == 0) {
+        fp = fopenCheck(tmp, "wb");
+        fwriteCheck(header, sizeof(int), 256, fp);
+    }
+    int Lm = num_moe_layers(c);
+    float* gathered = NULL;
+    const float* tensor = model->params_memory;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        size_t n = model->param_sizes[k];
+        if (is_expert_tensor(k) && Lm > 0) {
+            size_t slice = n / Lm; // one MoE layer's local experts
+            if (gathered == NULL) { gathered = (float*)mallocCheck(model->param_sizes[15] / Lm * comm->world * sizeof(float)); }
+            for (int m = 0; m < Lm; m++) {
+                gather_floats(tensor + m * slice, gathered, slice, comm);
+                if (fp) { fwriteCheck(gathered, sizeof(float), slice * comm->world, fp); }
+            }
+        } else if (fp && n > 0) {
+            fwriteCheck(tensor, sizeof(float), n, fp);
+        }
+        tensor += n;
+    }
+    free(gathered);
+    if (fp) {
+        fcloseCheck(fp);
+        if (rename(tmp, path) != 0) { fail_exit("could not rename %s to %s", tmp, path); }
+    }
+    comm_barrier(comm); // on return the file exists for every rank
 }
 
 // reads n parameters stored as fp32 (version 3 / MoE 1) or bf16 (llm.c version 5) into out
@@ -1190,11 +1576,36 @@ static int read_params(float* out, size_t n, int bf16, FILE* fp) {
     return 0;
 }
 
-// Loads a checkpoint. With upcycle != NULL and upcycle->num_experts > 1, a dense (llm.c)
-// checkpoint becomes an MoE model: every expert of an MoE layer starts as a copy of that layer's
-// dense MLP plus N(0, noise) and the router starts at N(0, 0.02). Returns 0, or -1 with err set.
+// reads the tensors of a checkpoint (positioned after its header) into model, whose config must
+// be the file's: replicated tensors whole, expert tensors only this rank's slice of each layer
+static int read_model_tensors(GPT2* model, FILE* fp, int bf16) {
+    size_t elem = bf16 ? 2 : 4;
+    int Lm = num_moe_layers(&model->config), W = model->comm.world, r = model->comm.rank;
+    float* tensor = model->params_memory;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        size_t n = model->param_sizes[k];
+        if (is_expert_tensor(k) && Lm > 0) {
+            size_t slice = n / Lm;
+            for (int m = 0; m < Lm; m++) {
+                // layer m's experts of all ranks, then this rank's slice of them
+                if (fseek(fp, (long)(r * slice * elem), SEEK_CUR) != 0) { return -1; }
+                if (read_params(tensor + m * slice, slice, bf16, fp) != 0) { return -1; }
+                if (fseek(fp, (long)((W - 1 - r) * slice * elem), SEEK_CUR) != 0) { return -1; }
+            }
+        } else if (read_params(tensor, n, bf16, fp) != 0) {
+            return -1;
+        }
+        tensor += n;
+    }
+    return 0;
+}
+
+// Loads a checkpoint into a model for this process (its experts only, when W > 1). With
+// upcycle != NULL and upcycle->num_experts > 1, a dense (llm.c) checkpoint becomes an MoE model:
+// every expert of an MoE layer starts as a copy of that layer's dense MLP plus N(0, noise) and the
+// router starts at N(0, 0.02). Returns 0, or -1 with err set.
 int gpt2_load_checkpoint(GPT2* model, const char* path, const GPT2Config* upcycle, float noise,
-                         uint64_t seed, char* err, size_t errlen) {
+                         uint64_t seed, Comm comm, char* err, size_t errlen) {
     FILE* fp = fopen(path, "rb");
     if (fp == NULL) { snprintf(err, errlen, "%s: cannot open checkpoint", path); return -1; }
     int header[256];
@@ -1245,7 +1656,7 @@ int gpt2_load_checkpoint(GPT2* model, const char* path, const GPT2Config* upcycl
     }
     // the file size must match the header exactly, checked before allocating anything
     size_t sizes[NUM_PARAMETER_TENSORS];
-    fill_in_parameter_sizes(sizes, &c);
+    fill_in_parameter_sizes(sizes, &c, c.num_experts > 1 ? c.num_experts : 0);
     size_t n = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { n += sizes[i]; }
     size_t expected = 256 * sizeof(int) + n * (bf16 ? 2 : 4);
@@ -1259,30 +1670,37 @@ int gpt2_load_checkpoint(GPT2* model, const char* path, const GPT2Config* upcycl
         return -1;
     }
     int upcycling = upcycle != NULL && upcycle->num_experts > 1 && c.num_experts <= 1;
+    GPT2Config mc = c;
+    if (upcycling) {
+        mc.num_experts = upcycle->num_experts;
+        mc.top_k = upcycle->top_k;
+        mc.moe_every = upcycle->moe_every;
+        mc.expert_hidden = upcycle->expert_hidden > 0 ? upcycle->expert_hidden : 4 * c.channels;
+        mc.renorm_gates = upcycle->renorm_gates;
+        if (mc.expert_hidden != 4 * c.channels) {
+            snprintf(err, errlen, "%s: upcycling copies the dense MLP into each expert, so H must be 4C=%d (got %d)", path, 4 * c.channels, mc.expert_hidden);
+            fclose(fp);
+            return -1;
+        }
+        if (gpt2_config_check(&mc, cerr, sizeof(cerr)) != 0) { snprintf(err, errlen, "%s: upcycled config: %s", path, cerr); fclose(fp); return -1; }
+    }
+    if (mc.num_experts > 1 && mc.num_experts % comm.world != 0) {
+        snprintf(err, errlen, "%s: E=%d experts cannot be split evenly over W=%d processes", path, mc.num_experts, comm.world);
+        fclose(fp);
+        return -1;
+    }
     if (!upcycling) {
-        gpt2_allocate(model, &c);
-        if (read_params(model->params_memory, n, bf16, fp) != 0) { snprintf(err, errlen, "%s: read failed", path); fclose(fp); return -1; }
+        gpt2_allocate(model, &c, comm);
+        if (read_model_tensors(model, fp, bf16) != 0) { snprintf(err, errlen, "%s: read failed", path); fclose(fp); gpt2_free(model); return -1; }
         fclose(fp);
         return 0;
     }
     // upcycling: read the dense model, then build the MoE model around it
-    GPT2Config mc = c;
-    mc.num_experts = upcycle->num_experts;
-    mc.top_k = upcycle->top_k;
-    mc.moe_every = upcycle->moe_every;
-    mc.expert_hidden = upcycle->expert_hidden > 0 ? upcycle->expert_hidden : 4 * c.channels;
-    mc.renorm_gates = upcycle->renorm_gates;
-    if (mc.expert_hidden != 4 * c.channels) {
-        snprintf(err, errlen, "%s: upcycling copies the dense MLP into each expert, so H must be 4C=%d (got %d)", path, 4 * c.channels, mc.expert_hidden);
-        fclose(fp);
-        return -1;
-    }
-    if (gpt2_config_check(&mc, cerr, sizeof(cerr)) != 0) { snprintf(err, errlen, "%s: upcycled config: %s", path, cerr); fclose(fp); return -1; }
     GPT2 dense;
-    gpt2_allocate(&dense, &c);
-    if (read_params(dense.params_memory, n, bf16, fp) != 0) { snprintf(err, errlen, "%s: read failed", path); fclose(fp); gpt2_free(&dense); return -1; }
+    gpt2_allocate(&dense, &c, comm);
+    if (read_model_tensors(&dense, fp, bf16) != 0) { snprintf(err, errlen, "%s: read failed", path); fclose(fp); gpt2_free(&dense); return -1; }
     fclose(fp);
-    gpt2_allocate(model, &mc);
+    gpt2_allocate(model, &mc, comm);
     ParameterTensors* d = &dense.params;
     ParameterTensors* p = &model->params;
     // the tensors shared by both layouts: embeddings, attention, layernorms
@@ -1290,7 +1708,7 @@ int gpt2_load_checkpoint(GPT2* model, const char* path, const GPT2Config* upcycl
     float** dst[] = {&p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb, &p->ln2w, &p->ln2b, &p->lnfw, &p->lnfb};
     float** src[] = {&d->wte, &d->wpe, &d->ln1w, &d->ln1b, &d->qkvw, &d->qkvb, &d->attprojw, &d->attprojb, &d->ln2w, &d->ln2b, &d->lnfw, &d->lnfb};
     for (int i = 0; i < 12; i++) { memcpy(*dst[i], *src[i], dense.param_sizes[shared[i]] * sizeof(float)); }
-    size_t C = c.channels, H = mc.expert_hidden, E = mc.num_experts;
+    size_t C = c.channels, H = mc.expert_hidden, El = model->E_local;
     uint64_t rng = seed * 0x9E3779B97F4A7C15ull + 7;
     normal_fill(p->routerw, model->param_sizes[14], 0.02f, &rng);
     for (int l = 0; l < c.num_layers; l++) {
@@ -1300,17 +1718,15 @@ int gpt2_load_checkpoint(GPT2* model, const char* path, const GPT2Config* upcycl
         const float* fcprojb = d->fcprojb + l * C;
         if (is_moe_layer(&mc, l)) {
             size_t m = moe_layer_index(&mc, l);
-            for (size_t e = 0; e < E; e++) {
-                float* w1 = p->expfcw + (m * E + e) * H * C;
-                float* b1 = p->expfcb + (m * E + e) * H;
-                float* w2 = p->expprojw + (m * E + e) * C * H;
-                float* b2 = p->expprojb + (m * E + e) * C;
+            for (size_t el = 0; el < El; el++) {
+                float* w1 = p->expfcw + (m * El + el) * H * C;
                 memcpy(w1, fcw, H * C * sizeof(float));
-                memcpy(b1, fcb, H * sizeof(float));
-                memcpy(w2, fcprojw, C * H * sizeof(float));
-                memcpy(b2, fcprojb, C * sizeof(float));
+                memcpy(p->expfcb + (m * El + el) * H, fcb, H * sizeof(float));
+                memcpy(p->expprojw + (m * El + el) * C * H, fcprojw, C * H * sizeof(float));
+                memcpy(p->expprojb + (m * El + el) * C, fcprojb, C * sizeof(float));
                 if (noise > 0.0f) { // breaks the symmetry between identical experts
-                    for (size_t i = 0; i < H * C; i++) { float z; normal_fill(&z, 1, noise, &rng); w1[i] += z; }
+                    uint64_t r = expert_seed(seed, 15, m, model->e0 + el);
+                    for (size_t i = 0; i < H * C; i++) { float z; normal_fill(&z, 1, noise, &r); w1[i] += z; }
                 }
             }
         } else {
@@ -1325,18 +1741,25 @@ int gpt2_load_checkpoint(GPT2* model, const char* path, const GPT2Config* upcycl
     return 0;
 }
 
-// training state of one rank: AdamW moments, step, data position, sampling RNG
+// training state of one rank: AdamW moments, step, data position, sampling RNG. With W ranks
+// each writes its own file (its experts' moments differ); a resume needs the same W.
 typedef struct {
     int step;
     DataLoaderPosition data;
     uint64_t rng;
 } TrainState;
 
+void state_path(char* out, size_t n, const char* dir, int step, int rank) {
+    snprintf(out, n, "%s/state_%08d_%05d.bin", dir, step, rank);
+}
+
 void state_write(const GPT2* model, const TrainState* s, const char* path) {
     int header[256] = {0};
     header[0] = STATE_MAGIC;
     header[1] = 1;
     header[2] = s->step;
+    header[3] = model->comm.rank;
+    header[4] = model->comm.world;
     int64_t fields[5] = {(int64_t)model->num_parameters, s->data.epoch, s->data.shard_idx, s->data.sample_idx, (int64_t)s->rng};
     char tmp[4096];
     snprintf(tmp, sizeof(tmp), "%s.tmp", path);
@@ -1361,6 +1784,12 @@ int state_read(GPT2* model, TrainState* s, const char* path, char* err, size_t e
     }
     if (header[0] != STATE_MAGIC || header[1] != 1) {
         snprintf(err, errlen, "%s: bad magic/version %d/%d (expected %d/1)", path, header[0], header[1], STATE_MAGIC);
+        fclose(fp);
+        return -1;
+    }
+    if (header[3] != model->comm.rank || header[4] != model->comm.world) {
+        snprintf(err, errlen, "%s: state of rank %d of %d, this is rank %d of %d (resume with the same number of processes)",
+                 path, header[3], header[4], model->comm.rank, model->comm.world);
         fclose(fp);
         return -1;
     }
@@ -1504,7 +1933,7 @@ static float parse_float(const char* flag, const char* s) {
     return v;
 }
 
-void parse_args(TrainArgs* a, int argc, char** argv) {
+void parse_args(TrainArgs* a, int argc, char** argv, int world) {
     memset(a, 0, sizeof(TrainArgs));
     a->train_pattern = "data/tinyshakespeare/tiny_shakespeare_train.bin";
     a->val_pattern = "data/tinyshakespeare/tiny_shakespeare_val.bin";
@@ -1563,14 +1992,14 @@ void parse_args(TrainArgs* a, int argc, char** argv) {
     if (a->E > 1 && a->K > a->E) { fail_exit("flag -K: top-k K=%d exceeds the number of experts E=%d", a->K, a->E); }
     if (a->E == 1 && (a->set_K || a->set_M || a->set_H) && a->K != 1) { fail_exit("flag -K: top-k K=%d needs E >= K experts (-E is 1)", a->K); }
     if (a->lr <= 0.0f) { fail_exit("flag -l: learning rate must be > 0"); }
-    if (a->total_batch == -1) { a->total_batch = a->B * a->T; }
-    if (a->total_batch <= 0 || a->total_batch % (a->B * a->T) != 0) {
-        fail_exit("flag -d: total batch %d tokens is not a positive multiple of B*T = %d", a->total_batch, a->B * a->T);
+    if (a->total_batch == -1) { a->total_batch = a->B * a->T * world; }
+    if (a->total_batch <= 0 || a->total_batch % (a->B * a->T * world) != 0) {
+        fail_exit("flag -d: total batch %d tokens is not a positive multiple of B*T*W = %d", a->total_batch, a->B * a->T * world);
     }
 }
 
-// finds the latest step in dir with both a model and a state file; -1 if none
-int find_latest_checkpoint(const char* dir) {
+// finds the latest step in dir with a model file and this rank's state file; -1 if none
+int find_latest_checkpoint(const char* dir, int rank) {
     DIR* d = opendir(dir);
     if (d == NULL) { return -1; }
     int best = -1;
@@ -1578,9 +2007,9 @@ int find_latest_checkpoint(const char* dir) {
     while ((ent = readdir(d)) != NULL) {
         int step;
         char tail;
-        if (sscanf(ent->d_name, "state_%8d.bi%c", &step, &tail) == 2 && tail == 'n' && strlen(ent->d_name) == 18) {
+        if (sscanf(ent->d_name, "model_%8d.bi%c", &step, &tail) == 2 && tail == 'n' && strlen(ent->d_name) == 18) {
             char path[4096];
-            snprintf(path, sizeof(path), "%s/model_%08d.bin", dir, step);
+            state_path(path, sizeof(path), dir, step, rank);
             if (access(path, R_OK) == 0 && step > best) { best = step; }
         }
     }
@@ -1588,13 +2017,44 @@ int find_latest_checkpoint(const char* dir) {
     return best;
 }
 
+// FNV-1a of the binary's build and the command line: every rank must run the same of both
+uint64_t run_fingerprint(int argc, char** argv) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    const char* build = __DATE__ " " __TIME__ " " __FILE__;
+    for (const char* c = build; *c; c++) { h = (h ^ (unsigned char)*c) * 0x100000001b3ull; }
+    h = (h ^ sizeof(GPT2)) * 0x100000001b3ull;
+    for (int i = 1; i < argc; i++) {
+        for (const char* c = argv[i]; *c; c++) { h = (h ^ (unsigned char)*c) * 0x100000001b3ull; }
+        h = (h ^ 0xff) * 0x100000001b3ull;
+    }
+    return h;
+}
+
+// mean over ranks of one number per rank (the losses: every rank has the same number of tokens)
+double mean_over_ranks(double x, const Comm* comm) {
+    allreduce_doubles(&x, 1, comm);
+    return x / comm->world;
+}
+
 // ----------------------------------------------------------------------------
 // main training loop
 #ifndef TESTING
 int main(int argc, char** argv) {
-    TrainArgs args;
-    parse_args(&args, argc, argv);
+    Comm comm = comm_init(&argc, &argv);
+    int W = comm.world;
     char err[1024];
+    {   // every rank must run the same binary with the same flags
+        uint64_t fp = run_fingerprint(argc, argv);
+        int mine[2] = {(int)(fp >> 32), (int)(fp & 0xffffffffu)};
+        int* all = (int*)mallocCheck(2 * W * sizeof(int));
+        allgather_ints(mine, all, 2, &comm);
+        int differs = all[0] != mine[0] || all[1] != mine[1];
+        snprintf(err, sizeof(err), "the binary or the command line differs from rank 0's (every rank must run the same)");
+        comm_check_all(differs, err, &comm);
+        free(all);
+    }
+    TrainArgs args;
+    parse_args(&args, argc, argv, W);
 
     // the model: from a checkpoint (possibly resumed or upcycled) or from a descriptor
     GPT2 model;
@@ -1605,11 +2065,11 @@ int main(int argc, char** argv) {
     moe_flags.expert_hidden = args.H;
     moe_flags.renorm_gates = args.renorm;
     TrainState state = {0};
-    state.rng = args.seed ^ 0xA5A5A5A5ull;
+    state.rng = args.seed ^ 0xA5A5A5A5ull; // the same on every rank: all ranks sample the same tokens
     int resume_step = -1;
     if (args.resume) {
-        resume_step = find_latest_checkpoint(args.output_dir);
-        if (resume_step < 0) { fail_exit("flag -y 1: no checkpoint (model_*.bin + state_*.bin) in %s", args.output_dir); }
+        resume_step = find_latest_checkpoint(args.output_dir, comm.rank);
+        if (resume_step < 0) { fail_exit("flag -y 1: no checkpoint (model_*.bin + state_*_%05d.bin) in %s", comm.rank, args.output_dir); }
     }
     const char* model_path = args.model;
     char resume_path[4096];
@@ -1627,13 +2087,15 @@ int main(int argc, char** argv) {
             descriptor.renorm_gates = args.renorm;
         }
         if (gpt2_config_check(&descriptor, err, sizeof(err)) != 0) { fail_exit("model %s: %s", model_path, err); }
-        gpt2_allocate(&model, &descriptor);
+        if (args.E > 1 && args.E % W != 0) { fail_exit("flag -E: E=%d experts cannot be split evenly over W=%d processes", args.E, W); }
+        gpt2_allocate(&model, &descriptor, comm);
         gpt2_init_random(&model, args.seed);
     } else {
         if (model_path[0] == 'd' && access(model_path, F_OK) != 0) {
             fail_exit("flag -e: '%s' is neither a descriptor (d4 d6 d12 d24 d36 d48) nor a checkpoint file", model_path);
         }
-        if (gpt2_load_checkpoint(&model, model_path, &moe_flags, args.upcycle_noise, args.seed, err, sizeof(err)) != 0) { fail_exit("%s", err); }
+        int rc = gpt2_load_checkpoint(&model, model_path, &moe_flags, args.upcycle_noise, args.seed, comm, err, sizeof(err));
+        comm_check_all(rc != 0, err, &comm);
         const GPT2Config* c = &model.config;
         if (c->num_experts > 1 && ((args.set_E && args.E != c->num_experts) || (args.set_K && args.K != c->top_k) ||
                                    (args.set_M && args.moe_every != c->moe_every) || (args.set_H && args.H != c->expert_hidden) ||
@@ -1647,17 +2109,24 @@ int main(int argc, char** argv) {
     model.z_loss_weight = args.z_w;
     const GPT2Config* cfg = &model.config;
     if (args.T > cfg->max_seq_len) { fail_exit("flag -t: T=%d exceeds the model's maxT=%d", args.T, cfg->max_seq_len); }
-    int B = args.B, T = args.T;
-    int grad_accum = args.total_batch / (B * T);
+    int B = args.B, T = args.T; // B is per process, as in llm.c
+    int grad_accum = args.total_batch / (B * T * W);
 
-    // data
+    // data: every rank checks its shards first, so that a rank that cannot read them stops all
+    // ranks with one message instead of leaving the others waiting in a collective
+    size_t min_tokens = (size_t)B * T * W + 1;
+    int bad = dataloader_check_pattern(args.train_pattern, min_tokens, err, sizeof(err)) != 0 ||
+              dataloader_check_pattern(args.val_pattern, min_tokens, err, sizeof(err)) != 0;
+    comm_check_all(bad, err, &comm);
+    errors_on_every_rank = 1; // from here on a failure may be one rank's own
     DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, args.train_pattern, B, T, 0, 1, args.shuffle, args.seed, cfg->vocab_size);
-    dataloader_init(&val_loader, args.val_pattern, B, T, 0, 1, 0, args.seed, cfg->vocab_size);
+    dataloader_init(&train_loader, args.train_pattern, B, T, comm.rank, W, args.shuffle, args.seed, cfg->vocab_size);
+    dataloader_init(&val_loader, args.val_pattern, B, T, comm.rank, W, 0, args.seed, cfg->vocab_size);
     if (resume_step >= 0) {
         char path[4096];
-        snprintf(path, sizeof(path), "%s/state_%08d.bin", args.output_dir, resume_step);
-        if (state_read(&model, &state, path, err, sizeof(err)) != 0) { fail_exit("%s", err); }
+        state_path(path, sizeof(path), args.output_dir, resume_step, comm.rank);
+        int rc = state_read(&model, &state, path, err, sizeof(err));
+        comm_check_all(rc != 0, err, &comm);
         dataloader_resume(&train_loader, state.data);
     }
 
@@ -1667,7 +2136,7 @@ int main(int argc, char** argv) {
     char enc_path[4096], bpe_path[4096];
     snprintf(enc_path, sizeof(enc_path), "%s/encoder.json", args.tokenizer_dir);
     snprintf(bpe_path, sizeof(bpe_path), "%s/vocab.bpe", args.tokenizer_dir);
-    if (access(enc_path, R_OK) == 0 && access(bpe_path, R_OK) == 0) {
+    if (comm.rank == 0 && access(enc_path, R_OK) == 0 && access(bpe_path, R_OK) == 0) {
         tokenizer_init(&tokenizer, enc_path, bpe_path);
         have_tokenizer = 1;
     } else {
@@ -1677,15 +2146,18 @@ int main(int argc, char** argv) {
     FILE* logfile = NULL;
     if (args.output_dir != NULL) {
         mkdir(args.output_dir, 0755);
-        char path[4096];
-        snprintf(path, sizeof(path), "%s/main.log", args.output_dir);
-        logfile = fopenCheck(path, resume_step >= 0 ? "a" : "w");
+        if (comm.rank == 0) {
+            char path[4096];
+            snprintf(path, sizeof(path), "%s/main.log", args.output_dir);
+            logfile = fopenCheck(path, resume_step >= 0 ? "a" : "w");
+        }
     }
 
-    size_t active = model.num_parameters;
-    if (cfg->num_experts > 1) { // only K of E experts touch a token
+    size_t total_params = model.num_parameters, active = model.num_parameters;
+    if (cfg->num_experts > 1) {
         size_t per_expert = (size_t)num_moe_layers(cfg) * (2 * (size_t)cfg->expert_hidden * cfg->channels + cfg->expert_hidden + cfg->channels);
-        active -= per_expert * (cfg->num_experts - cfg->top_k);
+        total_params += per_expert * (cfg->num_experts - model.E_local); // the other ranks' experts
+        active = total_params - per_expert * (cfg->num_experts - cfg->top_k); // only K of E touch a token
     }
     printf0("+-----------------------+----------------------------------------------------+\n");
     printf0("| model                 | %-50s |\n", model_path);
@@ -1697,11 +2169,12 @@ int main(int argc, char** argv) {
     } else {
         printf0("| MoE                   | none (dense GPT-2)\n");
     }
-    printf0("| parameters            | %zu total, %zu active per token\n", model.num_parameters, active);
-    printf0("| batch                 | B=%d T=%d, %d tokens per step (grad accum %d)\n", B, T, args.total_batch, grad_accum);
+    printf0("| parameters            | %zu total, %zu active per token\n", total_params, active);
+    printf0("| processes             | W=%d%s\n", W, W > 1 && cfg->num_experts > 1 ? ", experts split evenly" : "");
+    printf0("| batch                 | B=%d T=%d per process, %d tokens per step (grad accum %d)\n", B, T, args.total_batch, grad_accum);
     printf0("| train / val tokens    | %zu / %zu\n", train_loader.num_tokens, val_loader.num_tokens);
 #ifdef OMP
-    printf0("| OpenMP threads        | %d\n", omp_get_max_threads());
+    printf0("| OpenMP threads        | %d per process\n", omp_get_max_threads());
 #endif
     printf0("+-----------------------+----------------------------------------------------+\n");
 
@@ -1723,17 +2196,18 @@ int main(int argc, char** argv) {
                 gpt2_forward(&model, val_loader.inputs, val_loader.targets, B, T);
                 val_loss += model.mean_loss;
             }
-            val_loss /= args.val_steps;
+            val_loss = mean_over_ranks(val_loss / args.val_steps, &comm);
             printf0("val loss %.6f\n", val_loss);
             if (logfile) { fprintf(logfile, "s:%d tel:%.6f\n", step, val_loss); fflush(logfile); }
         }
 
         if (args.sample_every > 0 && step > 0 && (step % args.sample_every == 0 || last_step)) {
-            int n = gpt2_generate(&model, gen_tokens, args.genT, have_tokenizer ? tokenizer.eot_token : 50256, &state.rng);
+            // every rank generates (the MoE layers are collective), rank 0 prints
+            int n = gpt2_generate(&model, gen_tokens, args.genT, 50256, &state.rng);
             printf0("generating:\n---\n");
-            for (int i = 0; i < n; i++) {
+            for (int i = 0; i < n && comm.rank == 0; i++) {
                 if (have_tokenizer) { safe_printf(tokenizer_decode(&tokenizer, gen_tokens[i])); }
-                else { printf0("%d ", gen_tokens[i]); }
+                else { printf("%d ", gen_tokens[i]); }
             }
             printf0("\n---\n");
             fflush(stdout);
@@ -1745,7 +2219,7 @@ int main(int argc, char** argv) {
             gpt2_write_checkpoint(&model, path);
             state.step = step;
             state.data = dataloader_position(&train_loader);
-            snprintf(path, sizeof(path), "%s/state_%08d.bin", args.output_dir, step);
+            state_path(path, sizeof(path), args.output_dir, step, comm.rank);
             state_write(&model, &state, path);
             printf0("wrote checkpoint %s/model_%08d.bin and its training state\n", args.output_dir, step);
         }
@@ -1753,37 +2227,55 @@ int main(int argc, char** argv) {
 
         double t0 = now_seconds();
         gpt2_zero_grad(&model);
-        double ce = 0.0, lb = 0.0, z = 0.0;
-        long long dropped = 0;
+        double ce = 0.0, lb = 0.0, z = 0.0, dropped = 0.0;
+        long long a2a[8] = {0}; // rows: sent then received, for the four all-to-alls
         for (int e = 0; e < E; e++) { load[e] = 0; }
         for (int micro = 0; micro < grad_accum; micro++) {
             dataloader_next_batch(&train_loader);
             gpt2_forward(&model, train_loader.inputs, train_loader.targets, B, T);
-            gpt2_backward(&model, 1.0f / grad_accum);
+            gpt2_backward(&model, 1.0f / (grad_accum * W));
             ce += model.mean_loss / grad_accum;
             lb += model.lb_loss / grad_accum;
             z += model.z_loss / grad_accum;
             dropped += model.dropped_slots;
-            for (int m = 0; m < Lm; m++) {
-                for (int e = 0; e < E; e++) { load[e] += model.routing.expert_counts[m * E + e]; }
+            for (int i = 0; i < 4; i++) { a2a[i] += model.a2a_sent[i]; a2a[4 + i] += model.a2a_recv[i]; }
+            for (int m = 0; m < Lm; m++) { // counts of the whole batch: every rank has them
+                for (int q = 0; q < W; q++) {
+                    for (int e = 0; e < E; e++) { load[e] += model.routing.counts[((size_t)m * W + q) * E + e]; }
+                }
             }
         }
+        gpt2_allreduce_grads(&model);
         float lr = learning_rate_at(step, args.max_steps, args.lr, args.warmup, args.final_lr_frac);
         float norm = gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, args.weight_decay, args.grad_clip, step + 1);
+        ce = mean_over_ranks(ce, &comm);
+        lb = mean_over_ranks(lb, &comm);
+        z = mean_over_ranks(z, &comm);
+        double sent_mb[4], recv_mb[4], sent_total = 0.0;
+        for (int i = 0; i < 4; i++) { // this rank's bytes to and from other ranks
+            sent_mb[i] = a2a[i] * (double)cfg->channels * sizeof(float) / 1e6;
+            recv_mb[i] = a2a[4 + i] * (double)cfg->channels * sizeof(float) / 1e6;
+            sent_total += sent_mb[i];
+        }
         double ms = (now_seconds() - t0) * 1000.0;
         if (step > start_step) { total_ms += ms; } // the first step pays for allocation
         double total = ce + args.aux_w * lb + args.z_w * z;
         printf0("step %4d/%d | loss %.6f | ce %.4f", step + 1, args.max_steps, total, ce);
         if (E > 0) {
-            long long slots = (long long)grad_accum * B * T * cfg->top_k * Lm;
+            long long slots = (long long)grad_accum * B * T * W * cfg->top_k * Lm;
             // per layer means of the aux losses; each expert's load relative to a uniform split
             printf0(" lb %.3f z %.2f drop %.1f%% | load/uniform", lb / Lm, z / Lm, 100.0 * dropped / slots);
             for (int e = 0; e < E; e++) { printf0(" %.2f", (double)load[e] * E / slots); }
+            if (W > 1) { printf0(" | a2a %.2f MB sent", sent_total); }
         }
         printf0(" | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", norm, lr, ms, args.total_batch / (ms / 1000.0));
         if (logfile) {
-            fprintf(logfile, "s:%d trl:%.6f ce:%.6f lb:%.6f z:%.6f drop:%lld norm:%.4f lr:%.6e ms:%.2f\n",
-                    step, total, ce, lb, z, dropped, norm, lr, ms);
+            fprintf(logfile, "s:%d trl:%.6f ce:%.6f lb:%.6f z:%.6f drop:%.0f norm:%.4f lr:%.6e ms:%.2f", step, total, ce, lb, z, dropped, norm, lr, ms);
+            if (W > 1 && E > 0) { // rank 0's traffic in MB: dispatch, combine, combine-backward, dispatch-backward
+                fprintf(logfile, " a2a_sent_mb:%.3f,%.3f,%.3f,%.3f a2a_recv_mb:%.3f,%.3f,%.3f,%.3f",
+                        sent_mb[0], sent_mb[1], sent_mb[2], sent_mb[3], recv_mb[0], recv_mb[1], recv_mb[2], recv_mb[3]);
+            }
+            fprintf(logfile, "\n");
             fflush(logfile);
         }
     }
@@ -1797,6 +2289,7 @@ int main(int argc, char** argv) {
     free(gen_tokens);
     free(load);
     gpt2_free(&model);
+    comm_finalize(&comm);
     return 0;
 }
 #endif

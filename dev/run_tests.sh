@@ -29,7 +29,13 @@ run ./test_moe_f64
 run "$PYTHON" dev/data/check_tokenizer.py
 # 4. the trainer binary: flags, bad input, resume
 run bash dev/test_cli.sh
-# 5. GPU tests are not run here
+# 5. expert parallelism over MPI (skips itself without mpirun)
+if [ -x ./test_moe_mpi ] && [ -x ./train_gpt2_moe_mpi ]; then
+    run bash dev/test_mpi.sh
+else
+    echo "skip mpi (no mpicc: apt-get install libopenmpi-dev openmpi-bin)" | tee -a "$log"
+fi
+# 6. GPU tests are not run here
 echo "skip test-gpu (no GPU on this machine: run make test-gpu on the device)" | tee -a "$log"
 
 passed=$(grep -c '^ok' "$log")

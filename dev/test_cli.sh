@@ -59,7 +59,7 @@ if [ "$(cat "$tmp/keep/main.log")" = "previous run" ]; then echo "ok   bad_input
 SCHED="-x 12 -l 1e-3 -u 3 -q 0.1 -c 0.1 -n 6"
 if "$BIN" $SMALL $SCHED -o "$tmp/full" >"$tmp/full.out" 2>&1; then
     mkdir -p "$tmp/resumed"
-    cp "$tmp/full/model_00000006.bin" "$tmp/full/state_00000006.bin" "$tmp/resumed/"
+    cp "$tmp/full/model_00000006.bin" "$tmp/full/state_00000006_00000.bin" "$tmp/resumed/"
     if "$BIN" $SMALL $SCHED -o "$tmp/resumed" -y 1 >"$tmp/resumed.out" 2>&1; then
         a=$(grep -E '^s:([6-9]|1[01]) trl' "$tmp/full/main.log" | cut -d' ' -f1-5)
         b=$(grep -E '^s:([6-9]|1[01]) trl' "$tmp/resumed/main.log" | cut -d' ' -f1-5)
