@@ -24,10 +24,10 @@ MPICC := $(shell which mpicc 2>/dev/null)
 
 all: train_gpt2_moe_cpu test_moe test_moe_f64 dev/data/tokenize
 
-train_gpt2_moe_cpu: train_gpt2_moe.c tokenizer.h dataloader.h
+train_gpt2_moe_cpu: train_gpt2_moe.c tokenizer.h dataloader.h lshmoe.h
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-test_moe: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h dev/test_dataloader_snippet.c
+test_moe: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h lshmoe.h dev/test_dataloader_snippet.c dev/test_lshmoe_snippet.c
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the same trainer in double precision, for finite-difference checks

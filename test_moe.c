@@ -600,6 +600,9 @@ static void test_grad_accumulation(void) {
 #if !defined(TEST_F64)
 #include "dev/test_dataloader_snippet.c"
 #endif
+#if !defined(TEST_F64) && !defined(TEST_MPI)
+#include "dev/test_lshmoe_snippet.c"
+#endif
 
 #ifndef TEST_F64
 // ----------------------------------------------------------------------------
@@ -959,6 +962,7 @@ int main(void) {
     test_bad_checkpoints();
     test_dataloader();
     test_tokenizer();
+    test_lshmoe();
 #endif
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);

@@ -41,6 +41,7 @@ Build and run: see README.md (`make run`, `make test`).
 #endif
 #include "tokenizer.h"  // defines: Tokenizer, tokenizer_init, tokenizer_decode, tokenizer_free
 #include "dataloader.h" // defines: DataLoader, dataloader_init, dataloader_next_batch, ...
+#include "lshmoe.h"     // defines: LSHConfig, lsh_group_compress, lsh_group_decompress, ...
 
 // ----------------------------------------------------------------------------
 // error checking: each macro names the failing call, the file and the line
