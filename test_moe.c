@@ -113,6 +113,11 @@ static void test_reference(const char* name) {
     model.capacity_factor = header_float(header, 16);
     model.aux_loss_weight = header_float(header, 17);
     model.z_loss_weight = header_float(header, 18);
+    if (header[9] > 0) { // an LSH config: [9..14] L, d', centring, compensation, sources, seed
+        LSHConfig lsh = {header[9], header[10], header[11], header[12]};
+        if (gpt2_set_lsh(&model, lsh, header[13], (uint64_t)header[14], err, sizeof(err)) != 0) { fail_exit("%s: %s", debug_path, err); }
+    }
+    model.step = 0;
     float lr = header_float(header, 19), beta1 = header_float(header, 20), beta2 = header_float(header, 21);
     float eps = header_float(header, 22), wd = header_float(header, 23), clip = header_float(header, 24);
     int* x = (int*)mallocCheck(N * sizeof(int));
@@ -144,7 +149,12 @@ static void test_reference(const char* name) {
     check(loss_err < 1e-5, tname, "ce %.6f lb %.6f z %.6f total %.6f, max abs err %.2e (bound 1e-5)",
           model.mean_loss, model.lb_loss, model.z_loss, model.total_loss, loss_err);
     snprintf(tname, sizeof(tname), "reference/%s/dropped", name);
-    check(model.dropped_slots == ref_dropped, tname, "%d dropped slots (reference %d)", model.dropped_slots, ref_dropped);
+    check(model.dropped_slots == ref_dropped, tname, "%lld dropped slots (reference %d)", model.dropped_slots, ref_dropped);
+    if (header[9] > 0) { // the same buckets: same projections, hashes and keys
+        snprintf(tname, sizeof(tname), "reference/%s/lsh_centroids", name);
+        check(model.lsh_stats.rows == header[25] && model.lsh_stats.centroids == header[15], tname,
+              "%lld centroids for %lld rows (reference %d for %d)", model.lsh_stats.centroids, model.lsh_stats.rows, header[15], header[25]);
+    }
 
     // gradients: per tensor, error relative to the tensor's largest entry; fp32 accumulations
     // over N=16 tokens through up to 3 layers give ~1e-6, so 1e-4 leaves margin without hiding
@@ -166,6 +176,7 @@ static void test_reference(const char* name) {
     // 10 AdamW steps on the same batch; losses drift apart only through fp32 rounding
     double step_err = 0.0;
     for (int s = 0; s < nsteps; s++) {
+        model.step = s; // LSH projections are drawn per step
         gpt2_forward(&model, x, y, B, T);
         double e = fmax(fabs(model.mean_loss - step_losses[2 * s]), fabs(model.total_loss - step_losses[2 * s + 1]));
         if (e > step_err) { step_err = e; }
@@ -218,22 +229,27 @@ static double loss_at(GPT2* model, const int* x, const int* y, int B, int T) {
     return model->total_loss;
 }
 
-static void fd_check_model(const char* name, GPT2Config c, float capacity_factor, float aux_w, float z_w) {
+static void fd_check_model_lsh(const char* name, GPT2Config c, float capacity_factor, float aux_w, float z_w, LSHConfig lsh, int sources) {
     GPT2 model;
     random_model(&model, &c, 42);
     model.capacity_factor = capacity_factor;
     model.aux_loss_weight = aux_w;
     model.z_loss_weight = z_w;
+    char err[256];
+    if (gpt2_set_lsh(&model, lsh, sources, 7, err, sizeof(err)) != 0) { fail_exit("%s", err); }
     int B = 2, T = 8, N = B * T;
     int x[16], y[16];
     random_tokens(x, N, c.vocab_size, 1);
     random_tokens(y, N, c.vocab_size, 2);
     gpt2_forward(&model, x, y, B, T);
     int dropped = model.dropped_slots;
+    // the routing and the LSH buckets are piecewise constant: a perturbation must not move them
     size_t S = (size_t)N * c.top_k * num_moe_layers(&c);
-    int* routing0 = (int*)mallocCheck(S * 2 * sizeof(int));
+    int* routing0 = (int*)mallocCheck(S * 3 * sizeof(int));
     memcpy(routing0, model.routing.expert_idx, S * sizeof(int));
     memcpy(routing0 + S, model.routing.slot_row, S * sizeof(int));
+    if (lsh.L > 0) { memcpy(routing0 + 2 * S, model.routing.bucket_of_row, S * sizeof(int)); }
+    long long rows = model.lsh_stats.rows, cents = model.lsh_stats.centroids;
     gpt2_zero_grad(&model);
     gpt2_backward(&model, 1.0f);
     char tname[160];
@@ -252,9 +268,11 @@ static void fd_check_model(const char* name, GPT2Config c, float capacity_factor
             model.params_memory[i] = old + h;
             double lp = loss_at(&model, x, y, B, T);
             flipped |= memcmp(routing0, model.routing.expert_idx, S * sizeof(int)) != 0 || memcmp(routing0 + S, model.routing.slot_row, S * sizeof(int)) != 0;
+            if (lsh.L > 0) { flipped |= memcmp(routing0 + 2 * S, model.routing.bucket_of_row, S * sizeof(int)) != 0; }
             model.params_memory[i] = old - h;
             double lm = loss_at(&model, x, y, B, T);
             flipped |= memcmp(routing0, model.routing.expert_idx, S * sizeof(int)) != 0 || memcmp(routing0 + S, model.routing.slot_row, S * sizeof(int)) != 0;
+            if (lsh.L > 0) { flipped |= memcmp(routing0 + 2 * S, model.routing.bucket_of_row, S * sizeof(int)) != 0; }
             model.params_memory[i] = old;
             double fd = (lp - lm) / (2 * h);
             double an = model.grads_memory[i];
@@ -272,8 +290,17 @@ static void fd_check_model(const char* name, GPT2Config c, float capacity_factor
     // the input side: d loss / d (embedding of a token) covers every path into the MoE layer
     snprintf(tname, sizeof(tname), "fd64/%s/dropped_slots", name);
     check(capacity_factor <= 0 ? dropped == 0 : dropped > 0, tname, "%d slots dropped", dropped);
+    if (lsh.L > 0) { // the check is only meaningful if buckets really merged rows
+        snprintf(tname, sizeof(tname), "fd64/%s/lsh_compresses", name);
+        check(cents < rows, tname, "%lld centroids for %lld rows in the first forward", cents, rows);
+    }
     free(routing0);
     gpt2_free(&model);
+}
+
+static void fd_check_model(const char* name, GPT2Config c, float capacity_factor, float aux_w, float z_w) {
+    LSHConfig off = {0, 0, 0, 0};
+    fd_check_model_lsh(name, c, capacity_factor, aux_w, z_w, off, 1);
 }
 
 static void test_finite_differences(void) {
@@ -287,6 +314,10 @@ static void test_finite_differences(void) {
     GPT2Config c = tiny_config(4, 2, 1, 2);
     c.renorm_gates = 0;
     fd_check_model("k2_no_renorm", c, 1.0f, 0.01f, 0.001f);
+    // LSH with the buckets frozen (the exact backward of DESIGN.md), 2 simulated source ranks
+    LSHConfig comp = {1, 2, 1, 1}, plain = {2, 2, 0, 0};
+    fd_check_model_lsh("lsh_compensated", tiny_config(4, 2, 1, 2), 0.0f, 0.01f, 0.001f, comp, 2);
+    fd_check_model_lsh("lsh_no_compensation", tiny_config(4, 2, 1, 2), 1.0f, 0.01f, 0.001f, plain, 2);
 }
 #endif
 
@@ -569,6 +600,59 @@ static void test_bad_checkpoints(void) {
     gpt2_free(&a);
 }
 
+// LSH with every bucket a single row reproduces the uncompressed model bit for bit, forward
+// and backward (lshmoe.h keeps one-row buckets exact); and LSH that merges rows changes both
+static void test_lsh_singletons_exact(void) {
+    GPT2Config c = tiny_config(4, 2, 1, 2);
+    GPT2 off, on, merged;
+    random_model(&off, &c, 51);
+    random_model(&on, &c, 51);
+    random_model(&merged, &c, 51);
+    char err[256];
+    LSHConfig fine = {6, 64, 1, 1}, coarse = {1, 1, 0, 1}; // 128^6 buckets; 2 buckets
+    int rc = gpt2_set_lsh(&off, (LSHConfig){0, 0, 0, 0}, 2, 3, err, sizeof(err)) | gpt2_set_lsh(&on, fine, 2, 3, err, sizeof(err)) |
+             gpt2_set_lsh(&merged, coarse, 2, 3, err, sizeof(err));
+    if (rc != 0) { fail_exit("%s", err); }
+    int x[16], y[16];
+    random_tokens(x, 16, 100, 61);
+    random_tokens(y, 16, 100, 62);
+    GPT2* models[3] = {&off, &on, &merged};
+    for (int i = 0; i < 3; i++) {
+        gpt2_forward(models[i], x, y, 2, 8);
+        gpt2_zero_grad(models[i]);
+        gpt2_backward(models[i], 1.0f);
+    }
+    size_t nl = 16 * 128;
+    check(on.lsh_stats.centroids == on.lsh_stats.rows && on.lsh_stats.rows > 0 &&
+          memcmp(off.acts.logits, on.acts.logits, nl * sizeof(float)) == 0 &&
+          memcmp(off.grads_memory, on.grads_memory, off.num_parameters * sizeof(float)) == 0,
+          "lsh/all_singletons_bitwise", "%lld rows, %lld centroids; logits and every gradient identical to LSH off",
+          on.lsh_stats.rows, on.lsh_stats.centroids);
+    double e = max_abs_diff(off.acts.logits, merged.acts.logits, nl);
+    check(merged.lsh_stats.centroids < merged.lsh_stats.rows && e > 1e-4, "lsh/merging_changes_output",
+          "%lld centroids for %lld rows, max logit change %.2e", merged.lsh_stats.centroids, merged.lsh_stats.rows, e);
+    // wire accounting: 2 simulated ranks own experts {0,1} and {2,3}; compressed rows <= rows
+    check(on.wire_rows[0] > 0 && on.wire_rows[1] == on.wire_rows[0] && merged.wire_rows[1] < merged.wire_rows[0] &&
+          off.wire_rows[1] == off.wire_rows[0] && on.wire_rows[0] == off.wire_rows[0], "lsh/wire_rows",
+          "crossing rows per all-to-all: %lld uncompressed, %lld sent with 2 buckets per group", merged.wire_rows[0], merged.wire_rows[1]);
+    gpt2_free(&off); gpt2_free(&on); gpt2_free(&merged);
+    // bad configurations
+    GPT2 d;
+    GPT2Config dc = tiny_config(0, 0, 1, 2);
+    random_model(&d, &dc, 1);
+    rc = gpt2_set_lsh(&d, fine, 1, 0, err, sizeof(err));
+    check(rc != 0 && strstr(err, "E > 1") != NULL, "bad_input/lsh_needs_experts", "\"%s\"", err);
+    gpt2_free(&d);
+    random_model(&d, &c, 1);
+    rc = gpt2_set_lsh(&d, (LSHConfig){32, 16, 1, 1}, 1, 0, err, sizeof(err));
+    check(rc != 0 && strstr(err, "64-bit key") != NULL, "bad_input/lsh_key_overflow", "\"%s\"", err);
+    rc = gpt2_set_lsh(&d, (LSHConfig){2, 0, 1, 1}, 1, 0, err, sizeof(err));
+    check(rc != 0, "bad_input/lsh_dp_zero", "\"%s\"", err);
+    rc = gpt2_set_lsh(&d, fine, 3, 0, err, sizeof(err));
+    check(rc != 0 && strstr(err, "must divide E=4") != NULL, "bad_input/lsh_sources_not_dividing_E", "\"%s\"", err);
+    gpt2_free(&d);
+}
+
 // gradient accumulation: two micro-batches of B=1 with loss scale 1/2 give the same parameter
 // gradients as... (dropless, where routing does not couple the batch rows)
 static void test_grad_accumulation(void) {
@@ -761,7 +845,8 @@ static void gather_expert_tensor(const GPT2* model, int k, float* out) {
 
 // W ranks on the same global batch as one process: losses of 10 AdamW steps, gradients of a
 // replicated (qkvw) and an expert (expfcw) tensor after the first step
-static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_factor, int force_rank_experts) {
+// With LSH, W real ranks hash the same groups as one process simulating W source ranks.
+static void test_ep_equivalence_lsh(const char* name, GPT2Config c, float capacity_factor, int force_rank_experts, LSHConfig lsh) {
     int W = world.world, Bg = 4, T = 8, Bl = Bg / W, Ng = Bg * T;
     char path[512], tname[160], err[1024];
     snprintf(path, sizeof(path), "%s/%s.bin", tmpdir, name);
@@ -785,6 +870,7 @@ static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_f
         }
         gpt2_write_checkpoint(&ref, path);
         ref.capacity_factor = capacity_factor;
+        if (gpt2_set_lsh(&ref, lsh, W, 5, err, sizeof(err)) != 0) { fail_exit("%s", err); }
     }
     MPI_Barrier(world.mpi);
     GPT2 ep;
@@ -792,9 +878,12 @@ static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_f
     snprintf(tname, sizeof(tname), "ep/W%d/%s/load_split", W, name);
     check_all(rc == 0, tname, "E_local %.0f", ep.E_local);
     ep.capacity_factor = capacity_factor;
+    if (gpt2_set_lsh(&ep, lsh, 1, 5, err, sizeof(err)) != 0) { fail_exit("%s", err); }
     double worst_loss = 0.0;
     int nsteps = 10;
     for (int step = 0; step < nsteps; step++) {
+        ep.step = step;
+        if (world.rank == 0) { ref.step = step; }
         gpt2_forward(&ep, x + world.rank * Bl * T, y + world.rank * Bl * T, Bl, T);
         double loss = mean_over_ranks(ep.total_loss, &world);
         long long dropped = ep.dropped_slots;
@@ -810,6 +899,15 @@ static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_f
             if (step == 0) {
                 snprintf(tname, sizeof(tname), "ep/W%d/%s/dropped", W, name);
                 check(dropped == ref.dropped_slots && (capacity_factor <= 0 || dropped > 0), tname, "%lld dropped slots (single process %lld)", dropped, ref.dropped_slots);
+            }
+        }
+        if (step == 0 && lsh.L > 0) { // the same buckets: centroid counts summed over ranks
+            double cents[2] = {(double)ep.lsh_stats.centroids, (double)ep.lsh_stats.rows};
+            allreduce_doubles(cents, 2, &world);
+            if (world.rank == 0) {
+                snprintf(tname, sizeof(tname), "ep/W%d/%s/lsh_same_buckets", W, name);
+                check(cents[0] == ref.lsh_stats.centroids && cents[1] == ref.lsh_stats.rows && cents[0] < cents[1], tname,
+                      "%.0f centroids for %.0f rows (one process with W simulated ranks: %lld)", cents[0], cents[1], ref.lsh_stats.centroids);
             }
         }
         if (step == 0) {
@@ -855,6 +953,10 @@ static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_f
     check_all(worst_loss < 1e-5, tname, "max abs loss diff vs single process %.2e (bound 1e-5)", worst_loss);
     gpt2_free(&ep);
     if (world.rank == 0) { gpt2_free(&ref); }
+}
+
+static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_factor, int force_rank_experts) {
+    test_ep_equivalence_lsh(name, c, capacity_factor, force_rank_experts, (LSHConfig){0, 0, 0, 0});
 }
 
 // a checkpoint written by one world size loads in another: mode "write" trains 2 steps and
@@ -930,6 +1032,8 @@ int main(int argc, char** argv) {
         test_ep_equivalence("capacity", tiny_config(4, 2, 2, 3), 0.5f, 0);
         test_ep_equivalence("forced_to_last_rank", tiny_config(8, 2, 1, 2), 0.0f, 1);
         test_ep_equivalence("forced_with_capacity", tiny_config(8, 2, 1, 2), 1.0f, 1);
+        test_ep_equivalence_lsh("lsh_compensated", tiny_config(4, 2, 1, 2), 0.0f, 0, (LSHConfig){1, 2, 1, 1});
+        test_ep_equivalence_lsh("lsh_plain_capacity", tiny_config(4, 2, 1, 2), 1.0f, 0, (LSHConfig){2, 2, 0, 0});
         MPI_Barrier(world.mpi);
         if (world.rank == 0) {
             char cmd[300];
@@ -955,9 +1059,12 @@ int main(void) {
     test_reference("dense");
     test_reference("moe");
     test_reference("cap");
+    test_reference("lsh");
+    test_reference("lsh_nocomp");
     test_single_expert_is_dense();
     test_dispatch_layout();
     test_grad_accumulation();
+    test_lsh_singletons_exact();
     test_checkpoints();
     test_bad_checkpoints();
     test_dataloader();

@@ -934,7 +934,7 @@ float* malloc_and_point_parameters(ParameterTensors* params, const size_t* param
     return params_memory;
 }
 
-#define NUM_ACTIVATION_TENSORS 33
+#define NUM_ACTIVATION_TENSORS 35
 typedef struct {
     float* encoded;       // (B, T, C)
     float* ln1;           // (L, B, T, C)
@@ -969,10 +969,12 @@ typedef struct {
     float* expout;        // (Lm, W*S, C)
     float* sendbuf;       // (W*S, C) all-to-all staging, reused by every layer
     float* recvbuf;       // (W*S, C)
+    float* lsh_cent;      // (S, C) LSH: centroids sent (their gradients in the backward)
+    float* lsh_ycent;     // (S, C) LSH: expert outputs per centroid (their input gradients)
 } ActivationTensors;
 
 // W*S rows bound what one rank's experts can receive (dropless, every token to one rank)
-void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T, int W) {
+void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T, int W, int lsh) {
     size_t C = config->channels, NH = config->num_heads, L = config->num_layers, Vp = config->padded_vocab_size;
     size_t Ld = num_dense_layers(config), Lm = num_moe_layers(config);
     size_t E = config->num_experts, K = config->top_k, H = config->expert_hidden;
@@ -983,7 +985,7 @@ void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_
         L * N * C, L * N * C, L * N * C, L * N, L * N, Ld * N * 4 * C, Ld * N * 4 * C, L * N * C,
         L * N * C, N * C, N, N, N * Vp, N * Vp, N,
         Lm * N * E, Lm * N * E, Lm * N * K, Lm * S * C, Lm * WS * C, Lm * WS * H, Lm * WS * H, Lm * WS * C,
-        WS * C, WS * C};
+        WS * C, WS * C, lsh ? S * C : 0, lsh ? S * C : 0};
     memcpy(act_sizes, sizes, sizeof(sizes));
 }
 
@@ -997,18 +999,20 @@ float* malloc_and_point_activations(ActivationTensors* acts, const size_t* act_s
         &acts->ln2_rstd, &acts->fch, &acts->fch_gelu, &acts->mlpout, &acts->residual3, &acts->lnf,
         &acts->lnf_mean, &acts->lnf_rstd, &acts->logits, &acts->probs, &acts->losses,
         &acts->router_logits, &acts->router_probs, &acts->gates, &acts->moe_y, &acts->expin, &acts->exph,
-        &acts->exph_gelu, &acts->expout, &acts->sendbuf, &acts->recvbuf};
+        &acts->exph_gelu, &acts->expout, &acts->sendbuf, &acts->recvbuf, &acts->lsh_cent, &acts->lsh_ycent};
     float* iter = acts_memory;
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = iter; iter += act_sizes[i]; }
     return acts_memory;
 }
 
-// the integer side of routing, per MoE layer
-#define NUM_ROUTING_TENSORS 11
+// the integer side of routing, per MoE layer. A group is the rows one source sends to one expert:
+// (expert e, source v) with V sources per process (V > 1 simulates V ranks in one process).
+#define NUM_ROUTING_TENSORS 16
 typedef struct {
     int* expert_idx;     // (Lm, N, K) chosen experts, best first
     int* counts;         // (Lm, W, E) slots every rank routed to each expert, before capacity
     int* kept;           // (Lm, W, E) of those, the slots each expert keeps
+    int* wire;           // (Lm, W, E) rows each rank sends each expert: kept, or centroids with LSH
     int* slot_row;       // (Lm, S) row of each slot in the send buffer, -1 if dropped
     int* row_slot;       // (Lm, S) slot of each send-buffer row
     int* send_offsets;   // (Lm, E+1) send rows of expert e: [send_offsets[e], send_offsets[e+1])
@@ -1016,18 +1020,24 @@ typedef struct {
     int* recv_perm;      // (Lm, W*S) received row -> row grouped by local expert
     int* expert_offsets; // (Lm, E_local+1) rows of local expert e: [offsets[e], offsets[e+1])
     int* send_rows;      // (Lm, W) rows sent to each rank
+    int* group_rows;     // (Lm, E*V+1) send rows of group g = e*V + v: [group_rows[g], group_rows[g+1])
+    int* group_cents;    // (Lm, E*V+1) LSH: centroid rows of group g
+    int* bucket_of_row;  // (Lm, S) LSH: bucket of each send row within its group
+    int* bucket_size;    // (Lm, S) LSH: rows in each bucket, at the group's centroid offset
     int* scratch;        // (E) shared by the layers
 } MoERouting;
 
-int* malloc_and_point_routing(MoERouting* r, const GPT2Config* config, size_t B, size_t T, int W, int E_local) {
+int* malloc_and_point_routing(MoERouting* r, const GPT2Config* config, size_t B, size_t T, int W, int E_local, int V, int lsh) {
     size_t Lm = num_moe_layers(config), E = config->num_experts, K = config->top_k, S = B * T * K;
-    size_t sizes[NUM_ROUTING_TENSORS] = {Lm * S, Lm * W * E, Lm * W * E, Lm * S, Lm * S, Lm * (E + 1), Lm * W,
-                                         Lm * W * S, Lm * (E_local + 1), Lm * W, E};
+    size_t G1 = E * V + 1, LS = lsh ? Lm * S : 0;
+    size_t sizes[NUM_ROUTING_TENSORS] = {Lm * S, Lm * W * E, Lm * W * E, Lm * W * E, Lm * S, Lm * S, Lm * (E + 1), Lm * W,
+                                         Lm * W * S, Lm * (E_local + 1), Lm * W, Lm * G1, Lm * G1, LS, LS, E};
     size_t total = 0;
     for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { total += sizes[i]; }
     int* memory = (int*)callocCheck(total + 1, sizeof(int));
-    int** ptrs[NUM_ROUTING_TENSORS] = {&r->expert_idx, &r->counts, &r->kept, &r->slot_row, &r->row_slot,
-                                       &r->send_offsets, &r->recv_rows, &r->recv_perm, &r->expert_offsets, &r->send_rows, &r->scratch};
+    int** ptrs[NUM_ROUTING_TENSORS] = {&r->expert_idx, &r->counts, &r->kept, &r->wire, &r->slot_row, &r->row_slot,
+                                       &r->send_offsets, &r->recv_rows, &r->recv_perm, &r->expert_offsets, &r->send_rows,
+                                       &r->group_rows, &r->group_cents, &r->bucket_of_row, &r->bucket_size, &r->scratch};
     int* iter = memory;
     for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { *(ptrs[i]) = iter; iter += sizes[i]; }
     return memory;
@@ -1074,6 +1084,19 @@ typedef struct {
     // [3] dispatch's backward (bytes = rows * C * 4)
     long long a2a_sent[4], a2a_recv[4];
     float lb_scale, z_scale; // d(loss)/d(lb), d(loss)/d(z) of the backward in progress
+    // the sources of the groups: V per process. Source rank*V + v sends group (e, v) to the owner
+    // of e among W*V ranks; rows with another owner cross the wire. wire_rows counts them per
+    // all-to-all in the last forward (all four all-to-alls carry as many): [0] uncompressed,
+    // [1] as sent (centroids with LSH)
+    int sources;
+    long long wire_rows[2];
+    // LSH compression of the all-to-alls (lshmoe.h); lsh.L == 0: off
+    LSHConfig lsh;
+    uint64_t lsh_seed; // projections are drawn per (MoE layer, step) from it
+    int step;          // the optimizer step, set by the caller
+    float* lsh_R;      // (L*dp, C)
+    void* lsh_scratch; // lsh_scratch_bytes(S, C)
+    LSHStats lsh_stats; // summed since the caller last reset it
 } GPT2;
 
 // builds an empty model of this config: parameters allocated (zero), nothing else
@@ -1091,6 +1114,27 @@ void gpt2_allocate(GPT2* model, const GPT2Config* config, Comm comm) {
     model->aux_loss_weight = 0.01f;
     model->z_loss_weight = 0.001f;
     model->mean_loss = -1.0f;
+    model->sources = 1;
+}
+
+// switches LSH compression on for an MoE model (before its first forward); 0 or an error in err
+int gpt2_set_lsh(GPT2* model, LSHConfig lsh, int sources, uint64_t seed, char* err, size_t errlen) {
+    const GPT2Config* c = &model->config;
+    if (lsh.L > 0) {
+        if (c->num_experts <= 1) { snprintf(err, errlen, "LSH compresses the MoE all-to-all: it needs E > 1 experts (-E)"); return -1; }
+        if (lsh_config_check(lsh.L, lsh.dp, err, errlen) != 0) { return -1; }
+        if (lsh.center > 1 || lsh.center < 0 || lsh.compensate > 1 || lsh.compensate < 0) { snprintf(err, errlen, "LSH centring and compensation are 0 or 1"); return -1; }
+    }
+    if (sources < 1 || (c->num_experts > 1 && c->num_experts % (sources * model->comm.world) != 0)) {
+        snprintf(err, errlen, "%d simulated ranks x %d processes must divide E=%d", sources, model->comm.world, c->num_experts);
+        return -1;
+    }
+    if (model->acts_memory != NULL) { snprintf(err, errlen, "gpt2_set_lsh: call it before the first forward"); return -1; }
+    model->lsh = lsh;
+    model->sources = sources;
+    model->lsh_seed = seed;
+    lsh_stats_reset(&model->lsh_stats);
+    return 0;
 }
 
 // a stream of random numbers for one expert's tensor, the same whichever rank holds the expert
@@ -1126,12 +1170,31 @@ void gpt2_init_random(GPT2* model, uint64_t seed) {
     for (int i = 0; i < c->channels; i++) { p->lnfw[i] = 1.0f; }
 }
 
+// groups: the send rows of expert e (in slot order, so in token order) split by source
+// v = token * V / N (= token / (N/V): each source owns whole sequences), into g = e*V + v; counts
+// the rows that cross between ranks (the owner of e among the W*V sources is e / (E/(W*V)), the
+// source is rank*V + v)
+void moe_groups_layout(int* group_rows, long long* wire, // (E*V+1), [0] += crossing rows
+                       const int* send_offsets, const int* row_slot, int N, int K, int E, int V, int rank, int W) {
+    int per_owner = E / (W * V);
+    for (int e = 0; e < E; e++) {
+        int r = send_offsets[e];
+        for (int v = 0; v < V; v++) {
+            group_rows[e * V + v] = r;
+            while (r < send_offsets[e + 1] && (int)((long long)(row_slot[r] / K) * V / N) == v) { r++; }
+            if (e / per_owner != rank * V + v) { *wire += r - group_rows[e * V + v]; }
+        }
+    }
+    group_rows[E * V] = send_offsets[E];
+}
+
 // the forward of one MoE layer on this rank's N tokens x (after ln2); out (N,C) is written.
 // Returns this rank's share of the layer's load-balancing and z-losses through lb and z.
 void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, float* lb, float* z) {
     const GPT2Config* cfg = &model->config;
     int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
-    int W = model->comm.world, El = model->E_local, S = N * K;
+    int W = model->comm.world, El = model->E_local, S = N * K, V = model->sources, G = E * V;
+    int rank = model->comm.rank, lsh = model->lsh.L > 0;
     size_t WS = (size_t)W * model->batch_size * model->seq_len * K; // per-layer stride of expert buffers
     const ParameterTensors* p = &model->params;
     ActivationTensors a = model->acts;
@@ -1139,6 +1202,7 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     int* idx = rt.expert_idx + (size_t)m * S;
     int* counts = rt.counts + (size_t)m * W * E;
     int* kept = rt.kept + (size_t)m * W * E;
+    int* wire = rt.wire + (size_t)m * W * E;
     int* slot_row = rt.slot_row + (size_t)m * S;
     int* row_slot = rt.row_slot + (size_t)m * S;
     int* send_offsets = rt.send_offsets + (size_t)m * (E + 1);
@@ -1146,6 +1210,8 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     int* recv_rows = rt.recv_rows + (size_t)m * W;
     int* recv_perm = rt.recv_perm + (size_t)m * WS;
     int* expert_offsets = rt.expert_offsets + (size_t)m * (El + 1);
+    int* group_rows = rt.group_rows + (size_t)m * (G + 1);
+    int* group_cents = rt.group_cents + (size_t)m * (G + 1);
     float* gates = a.gates + (size_t)m * S;
     float* y = a.moe_y + (size_t)m * S * C;
     float* expin = a.expin + m * WS * C;
@@ -1155,7 +1221,7 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     float* probs = a.router_probs + (size_t)m * N * E;
 
     // route this rank's tokens, then share the counts: capacity and f_e need the whole batch
-    int* my_counts = counts + (size_t)model->comm.rank * E;
+    int* my_counts = counts + (size_t)rank * E;
     moe_router_forward(a.router_logits + (size_t)m * N * E, probs, idx, gates, my_counts, z, x,
                        p->routerw + (size_t)m * E * C, N, C, E, K, cfg->renorm_gates);
     memcpy(kept, my_counts, E * sizeof(int)); // allgather's send buffer may not alias its output
@@ -1166,12 +1232,49 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     int cap = moe_capacity(model->capacity_factor, (long long)N * W, K, E);
     model->dropped_slots += moe_capacity_plan(kept, counts, W, E, cap);
 
-    // dispatch: gather the kept rows by expert, send each rank its experts' rows
-    moe_dispatch_layout(slot_row, row_slot, send_offsets, rt.scratch, idx, kept + (size_t)model->comm.rank * E, S, E);
-    for (int q = 0; q < W; q++) { send_rows[q] = send_offsets[(q + 1) * El] - send_offsets[q * El]; }
-    int R = moe_receive_layout(recv_perm, expert_offsets, recv_rows, kept, W, E, model->e0, El);
+    // gather the kept rows by expert, then by source within an expert
+    moe_dispatch_layout(slot_row, row_slot, send_offsets, rt.scratch, idx, kept + (size_t)rank * E, S, E);
     moe_dispatch_forward(a.sendbuf, x, row_slot, send_offsets[E], C, K);
-    alltoall_rows(a.sendbuf, send_rows, a.recvbuf, recv_rows, C, &model->comm);
+    long long crossing = 0;
+    moe_groups_layout(group_rows, &crossing, send_offsets, row_slot, N, K, E, V, rank, W);
+    model->wire_rows[0] += crossing;
+    const float* dispatched = a.sendbuf; // what the all-to-all sends: rows, or their centroids
+    if (lsh) {
+        // LSH-MoE sec. 3: hash each group, send only its bucket centroids
+        int* bucket_of_row = rt.bucket_of_row + (size_t)m * S;
+        int* bucket_size = rt.bucket_size + (size_t)m * S;
+        lsh_projections_init(model->lsh_R, model->lsh.L, model->lsh.dp, C, lsh_seed(model->lsh_seed, m, model->step));
+        int* my_wire = rt.scratch;
+        int per_owner = E / (W * V);
+        crossing = 0;
+        group_cents[0] = 0;
+        for (int e = 0; e < E; e++) {
+            my_wire[e] = 0;
+            for (int v = 0; v < V; v++) {
+                int g = e * V + v, r0 = group_rows[g], n = group_rows[g + 1] - r0, c0 = group_cents[g];
+                int mg = lsh_group_compress(a.lsh_cent + (size_t)c0 * C, bucket_of_row + r0, bucket_size + c0,
+                                            a.sendbuf + (size_t)r0 * C, n, C, model->lsh_R, &model->lsh,
+                                            model->lsh_scratch, &model->lsh_stats);
+                group_cents[g + 1] = c0 + mg;
+                my_wire[e] += mg;
+                if (e / per_owner != rank * V + v) { crossing += mg; }
+            }
+        }
+        model->wire_rows[1] += crossing;
+        // the count exchange carries centroid counts, known only after hashing
+        allgather_ints(my_wire, wire, E, &model->comm);
+        dispatched = a.lsh_cent;
+    } else {
+        model->wire_rows[1] += crossing;
+        memcpy(wire, kept, (size_t)W * E * sizeof(int));
+    }
+    // dispatch: each rank gets its experts' rows
+    for (int q = 0; q < W; q++) {
+        send_rows[q] = 0;
+        for (int e = q * El; e < (q + 1) * El; e++) { send_rows[q] += wire[rank * E + e]; }
+    }
+    int R = moe_receive_layout(recv_perm, expert_offsets, recv_rows, wire, W, E, model->e0, El);
+    alltoall_rows(dispatched, send_rows, a.recvbuf, recv_rows, C, &model->comm);
     moe_rows_to_experts(expin, a.recvbuf, recv_perm, R, C);
     // the experts held here
     moe_experts_forward(exph, exph_gelu, expout, expin, expert_offsets,
@@ -1179,10 +1282,20 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
                         p->expprojw + (size_t)m * El * C * H, p->expprojb + (size_t)m * El * C, El, C, H);
     // combine: outputs back to their senders, gate-weighted sum per token
     moe_rows_to_sources(a.recvbuf, expout, recv_perm, R, C);
-    alltoall_rows(a.recvbuf, recv_rows, y, send_rows, C, &model->comm);
+    alltoall_rows(a.recvbuf, recv_rows, lsh ? a.lsh_ycent : y, send_rows, C, &model->comm);
+    if (lsh) {
+        // LSH-MoE Eq. 5: each row's output is its centroid's plus the residual the sender kept
+        int* bucket_of_row = rt.bucket_of_row + (size_t)m * S;
+        for (int g = 0; g < G; g++) {
+            int r0 = group_rows[g], c0 = group_cents[g];
+            lsh_group_decompress(y + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C, a.sendbuf + (size_t)r0 * C,
+                                 a.lsh_cent + (size_t)c0 * C, bucket_of_row + r0, group_rows[g + 1] - r0, C,
+                                 &model->lsh, &model->lsh_stats);
+        }
+    }
     moe_combine_forward(out, y, gates, slot_row, N, C, K);
     for (int q = 0; q < W; q++) {
-        if (q == model->comm.rank) { continue; }
+        if (q == rank) { continue; }
         model->a2a_sent[0] += send_rows[q]; model->a2a_recv[0] += recv_rows[q];
         model->a2a_sent[1] += recv_rows[q]; model->a2a_recv[1] += send_rows[q];
     }
@@ -1192,7 +1305,7 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
 void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const float* x, int N) {
     const GPT2Config* cfg = &model->config;
     int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
-    int W = model->comm.world, El = model->E_local, S = N * K;
+    int W = model->comm.world, El = model->E_local, S = N * K, G = E * model->sources, lsh = model->lsh.L > 0;
     size_t WS = (size_t)W * model->batch_size * model->seq_len * K;
     const ParameterTensors* p = &model->params;
     ParameterTensors* g = &model->grads;
@@ -1205,13 +1318,26 @@ void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const 
     int* recv_perm = rt.recv_perm + (size_t)m * WS;
     int* expert_offsets = rt.expert_offsets + (size_t)m * (El + 1);
     int* counts = rt.counts + (size_t)m * W * E;
+    int* group_rows = rt.group_rows + (size_t)m * (G + 1);
+    int* group_cents = rt.group_cents + (size_t)m * (G + 1);
+    int* bucket_of_row = lsh ? rt.bucket_of_row + (size_t)m * S : NULL;
+    int* bucket_size = lsh ? rt.bucket_size + (size_t)m * S : NULL;
     int R = expert_offsets[El];
     float* dy = da.moe_y + (size_t)m * S * C;
     float* dexpout = da.expout + m * WS * C;
     float* dexpin = da.expin + m * WS * C;
     // combine backward: gradients at the expert outputs go to the experts' owners
     moe_combine_backward(dy, da.gates + (size_t)m * S, dout, a.moe_y + (size_t)m * S * C, a.gates + (size_t)m * S, slot_row, N, C, K);
-    alltoall_rows(dy, send_rows, a.recvbuf, recv_rows, C, &model->comm);
+    const float* dsent = dy;
+    if (lsh) { // one gradient row per centroid: G_b = sum of its rows' gradients
+        for (int gi = 0; gi < G; gi++) {
+            int r0 = group_rows[gi], c0 = group_cents[gi];
+            lsh_group_decompress_backward(a.lsh_cent + (size_t)c0 * C, dy + (size_t)r0 * C, bucket_of_row + r0,
+                                          group_rows[gi + 1] - r0, group_cents[gi + 1] - c0, C, &model->lsh_stats);
+        }
+        dsent = a.lsh_cent;
+    }
+    alltoall_rows(dsent, send_rows, a.recvbuf, recv_rows, C, &model->comm);
     moe_rows_to_experts(dexpout, a.recvbuf, recv_perm, R, C);
     moe_experts_backward(dexpin, da.exph + m * WS * H, da.exph_gelu + m * WS * H,
                          g->expfcw + (size_t)m * El * H * C, g->expfcb + (size_t)m * El * H,
@@ -1220,7 +1346,16 @@ void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const 
                          expert_offsets, p->expfcw + (size_t)m * El * H * C, p->expprojw + (size_t)m * El * C * H, El, C, H);
     // dispatch backward: input gradients back to the senders, scatter-added per token
     moe_rows_to_sources(a.recvbuf, dexpin, recv_perm, R, C);
-    alltoall_rows(a.recvbuf, recv_rows, a.sendbuf, send_rows, C, &model->comm);
+    alltoall_rows(a.recvbuf, recv_rows, lsh ? a.lsh_ycent : a.sendbuf, send_rows, C, &model->comm);
+    if (lsh) { // dx_i = g_i + (J^T G_b - G_b) / n_b (compensated), or J^T G_b / n_b
+        memset(a.sendbuf, 0, (size_t)send_offsets[E] * C * sizeof(float));
+        for (int gi = 0; gi < G; gi++) {
+            int r0 = group_rows[gi], c0 = group_cents[gi];
+            lsh_group_compress_backward(a.sendbuf + (size_t)r0 * C, dy + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C,
+                                        a.lsh_cent + (size_t)c0 * C, bucket_of_row + r0, bucket_size + c0,
+                                        group_rows[gi + 1] - r0, C, &model->lsh, &model->lsh_stats);
+        }
+    }
     moe_dispatch_backward(dx, a.sendbuf, rt.row_slot + (size_t)m * S, send_offsets[E], C, K);
     // router backward, with f_e of the whole batch
     int* total = rt.scratch;
@@ -1249,9 +1384,14 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
     if (model->acts_memory == NULL) {
         model->batch_size = B;
         model->seq_len = T;
-        fill_in_activation_sizes(model->act_sizes, cfg, B, T, model->comm.world);
+        int lsh = model->lsh.L > 0;
+        fill_in_activation_sizes(model->act_sizes, cfg, B, T, model->comm.world, lsh);
         model->acts_memory = malloc_and_point_activations(&model->acts, model->act_sizes);
-        model->routing_memory = malloc_and_point_routing(&model->routing, cfg, B, T, model->comm.world, model->E_local);
+        model->routing_memory = malloc_and_point_routing(&model->routing, cfg, B, T, model->comm.world, model->E_local, model->sources, lsh);
+        if (lsh) {
+            model->lsh_R = (float*)mallocCheck((size_t)model->lsh.L * model->lsh.dp * C * sizeof(float));
+            model->lsh_scratch = mallocCheck(lsh_scratch_bytes((int)(B * T * cfg->top_k), (int)C));
+        }
         model->inputs = (int*)mallocCheck(B * T * sizeof(int));
         model->targets = (int*)mallocCheck(B * T * sizeof(int));
     } else if (B * T > (size_t)model->batch_size * model->seq_len || T > (size_t)model->seq_len) {
@@ -1265,6 +1405,7 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
     float lb_sum = 0.0f, z_sum = 0.0f;
     model->dropped_slots = 0;
     for (int i = 0; i < 4; i++) { model->a2a_sent[i] = model->a2a_recv[i] = 0; }
+    model->wire_rows[0] = model->wire_rows[1] = 0;
     encoder_forward(a.encoded, inputs, p.wte, p.wpe, B, T, C);
     for (size_t l = 0; l < L; l++) {
         float* residual = l == 0 ? a.encoded : a.residual3 + (l - 1) * N * C;
@@ -1455,6 +1596,8 @@ void gpt2_free(GPT2* model) {
     free(model->routing_memory);
     free(model->inputs);
     free(model->targets);
+    free(model->lsh_R);
+    free(model->lsh_scratch);
 }
 
 // ----------------------------------------------------------------------------
@@ -1892,6 +2035,8 @@ typedef struct {
     int E, K, moe_every, H, renorm; // -E -K -M -H -R
     int set_E, set_K, set_M, set_H, set_R;
     float capacity_factor, aux_w, z_w, upcycle_noise; // -F -A -Z -N
+    // LSH compression of the all-to-all
+    int lsh_L, lsh_dp, lsh_compensate, lsh_center, sources; // -J -P -C -O -V
 } TrainArgs;
 
 void print_usage(void) {
@@ -1917,7 +2062,10 @@ void print_usage(void) {
         "       -M <int> every M-th layer is MoE (1)   -H <int> expert hidden size (default 4C)\n"
         "       -F <float> capacity factor, <=0 dropless (1.25)   -R <0|1> renormalise gates (1)\n"
         "       -A <float> load-balancing loss weight (0.01)   -Z <float> z-loss weight (0.001)\n"
-        "       -N <float> noise std on upcycled experts (0.0)\n");
+        "       -N <float> noise std on upcycled experts (0.0)\n"
+        "  LSH:  -J <int> hash functions, 0 = off (0)  -P <int> projection width d' (4)\n"
+        "       -C <0|1> residual compensation (1)     -O <0|1> centre each group before hashing (1)\n"
+        "       -V <int> simulated source ranks per process: groups are (expert, source) (1)\n");
 }
 
 static int parse_int(const char* flag, const char* s, int min) {
@@ -1946,6 +2094,7 @@ void parse_args(TrainArgs* a, int argc, char** argv, int world) {
     a->seed = 1337; a->shuffle = 1;
     a->E = 1; a->K = 2; a->moe_every = 1; a->H = 0; a->renorm = 1;
     a->capacity_factor = 1.25f; a->aux_w = 0.01f; a->z_w = 0.001f;
+    a->lsh_L = 0; a->lsh_dp = 4; a->lsh_compensate = 1; a->lsh_center = 1; a->sources = 1;
     for (int i = 1; i < argc; i += 2) {
         const char* f = argv[i];
         if (strcmp(f, "-h") == 0) { print_usage(); exit(EXIT_SUCCESS); }
@@ -1984,11 +2133,19 @@ void parse_args(TrainArgs* a, int argc, char** argv, int world) {
             case 'A': a->aux_w = parse_float(f, v); break;
             case 'Z': a->z_w = parse_float(f, v); break;
             case 'N': a->upcycle_noise = parse_float(f, v); break;
+            case 'J': a->lsh_L = parse_int(f, v, 0); break;
+            case 'P': a->lsh_dp = parse_int(f, v, 1); break;
+            case 'C': a->lsh_compensate = parse_int(f, v, 0); break;
+            case 'O': a->lsh_center = parse_int(f, v, 0); break;
+            case 'V': a->sources = parse_int(f, v, 1); break;
             default: fail_exit("unknown flag %s (-h lists the flags)", f);
         }
     }
     if (a->E == 1 && !a->set_K) { a->K = 1; }
-    if (a->resume > 1 || a->shuffle > 1 || a->renorm > 1) { fail_exit("flags -y, -W and -R take 0 or 1"); }
+    if (a->resume > 1 || a->shuffle > 1 || a->renorm > 1 || a->lsh_compensate > 1 || a->lsh_center > 1) {
+        fail_exit("flags -y, -W, -R, -C and -O take 0 or 1");
+    }
+    if (a->B % a->sources != 0) { fail_exit("flag -V: %d simulated ranks must divide the batch B=%d (each owns whole sequences)", a->sources, a->B); }
     if (a->resume && a->output_dir == NULL) { fail_exit("flag -y 1 needs an output folder -o to resume from"); }
     if (a->E > 1 && a->K > a->E) { fail_exit("flag -K: top-k K=%d exceeds the number of experts E=%d", a->K, a->E); }
     if (a->E == 1 && (a->set_K || a->set_M || a->set_H) && a->K != 1) { fail_exit("flag -K: top-k K=%d needs E >= K experts (-E is 1)", a->K); }
@@ -2108,6 +2265,8 @@ int main(int argc, char** argv) {
     model.capacity_factor = args.capacity_factor;
     model.aux_loss_weight = args.aux_w;
     model.z_loss_weight = args.z_w;
+    LSHConfig lsh = {args.lsh_L, args.lsh_dp, args.lsh_center, args.lsh_compensate};
+    if (gpt2_set_lsh(&model, lsh, args.sources, args.seed, err, sizeof(err)) != 0) { fail_exit("flags -J/-P/-V: %s", err); }
     const GPT2Config* cfg = &model.config;
     if (args.T > cfg->max_seq_len) { fail_exit("flag -t: T=%d exceeds the model's maxT=%d", args.T, cfg->max_seq_len); }
     int B = args.B, T = args.T; // B is per process, as in llm.c
@@ -2171,7 +2330,13 @@ int main(int argc, char** argv) {
         printf0("| MoE                   | none (dense GPT-2)\n");
     }
     printf0("| parameters            | %zu total, %zu active per token\n", total_params, active);
-    printf0("| processes             | W=%d%s\n", W, W > 1 && cfg->num_experts > 1 ? ", experts split evenly" : "");
+    printf0("| processes             | W=%d%s", W, W > 1 && cfg->num_experts > 1 ? ", experts split evenly" : "");
+    if (args.sources > 1) { printf0(", %d simulated source ranks each", args.sources); }
+    printf0("\n");
+    if (args.lsh_L > 0) {
+        printf0("| LSH                   | L=%d hash functions, d'=%d, compensation %s, centring %s\n",
+                args.lsh_L, args.lsh_dp, args.lsh_compensate ? "on" : "off", args.lsh_center ? "on" : "off");
+    }
     printf0("| batch                 | B=%d T=%d per process, %d tokens per step (grad accum %d)\n", B, T, args.total_batch, grad_accum);
     printf0("| train / val tokens    | %zu / %zu\n", train_loader.num_tokens, val_loader.num_tokens);
 #ifdef OMP
@@ -2228,8 +2393,11 @@ int main(int argc, char** argv) {
 
         double t0 = now_seconds();
         gpt2_zero_grad(&model);
+        model.step = step;
+        lsh_stats_reset(&model.lsh_stats);
         double ce = 0.0, lb = 0.0, z = 0.0, dropped = 0.0;
         long long a2a[8] = {0}; // rows: sent then received, for the four all-to-alls
+        double wire[2] = {0.0, 0.0}; // rows crossing ranks per all-to-all: uncompressed, as sent
         for (int e = 0; e < E; e++) { load[e] = 0; }
         for (int micro = 0; micro < grad_accum; micro++) {
             dataloader_next_batch(&train_loader);
@@ -2240,6 +2408,8 @@ int main(int argc, char** argv) {
             z += model.z_loss / grad_accum;
             dropped += model.dropped_slots;
             for (int i = 0; i < 4; i++) { a2a[i] += model.a2a_sent[i]; a2a[4 + i] += model.a2a_recv[i]; }
+            wire[0] += model.wire_rows[0];
+            wire[1] += model.wire_rows[1];
             for (int m = 0; m < Lm; m++) { // counts of the whole batch: every rank has them
                 for (int q = 0; q < W; q++) {
                     for (int e = 0; e < E; e++) { load[e] += model.routing.counts[((size_t)m * W + q) * E + e]; }
@@ -2249,6 +2419,8 @@ int main(int argc, char** argv) {
         gpt2_allreduce_grads(&model);
         float lr = learning_rate_at(step, args.max_steps, args.lr, args.warmup, args.final_lr_frac);
         float norm = gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, args.weight_decay, args.grad_clip, step + 1);
+        allreduce_doubles(wire, 2, &comm); // over all ranks: what the step moved between ranks
+        double wire_mb[2] = {wire[0] * cfg->channels * 4 / 1e6, wire[1] * cfg->channels * 4 / 1e6}; // fp32 rows, per all-to-all
         ce = mean_over_ranks(ce, &comm);
         lb = mean_over_ranks(lb, &comm);
         z = mean_over_ranks(z, &comm);
@@ -2268,10 +2440,23 @@ int main(int argc, char** argv) {
             printf0(" lb %.3f z %.2f drop %.1f%% | load/uniform", lb / Lm, z / Lm, 100.0 * dropped / slots);
             for (int e = 0; e < E; e++) { printf0(" %.2f", (double)load[e] * E / slots); }
             if (W > 1) { printf0(" | a2a %.2f MB sent", sent_total); }
+            if (args.lsh_L > 0) {
+                printf0(" | lsh rate %.3f err %.3f | wire %.2f of %.2f MB", lsh_stats_rate(&model.lsh_stats),
+                        lsh_stats_rel_error(&model.lsh_stats), wire_mb[1], wire_mb[0]);
+            }
         }
         printf0(" | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", norm, lr, ms, args.total_batch / (ms / 1000.0));
         if (logfile) {
             fprintf(logfile, "s:%d trl:%.6f ce:%.6f lb:%.6f z:%.6f drop:%.0f norm:%.4f lr:%.6e ms:%.2f", step, total, ce, lb, z, dropped, norm, lr, ms);
+            if (E > 0 && W * args.sources > 1) { // crossing ranks (real or simulated), MB per all-to-all
+                fprintf(logfile, " wire_mb:%.4f wire_mb_uncompressed:%.4f", wire_mb[1], wire_mb[0]);
+            }
+            if (args.lsh_L > 0) { // rank 0's LSH: centroids / rows, ||x - c|| / ||x||, seconds in lshmoe.h
+                const LSHStats* ls = &model.lsh_stats;
+                fprintf(logfile, " lsh_rate:%.4f lsh_bucket:%.3f lsh_err:%.4f lsh_ms:%.2f", lsh_stats_rate(ls),
+                        lsh_stats_bucket_mean(ls), lsh_stats_rel_error(ls),
+                        1000.0 * (ls->t_hash + ls->t_bucket + ls->t_centroid + ls->t_compensate + ls->t_backward));
+            }
             if (W > 1 && E > 0) { // rank 0's traffic in MB: dispatch, combine, combine-backward, dispatch-backward
                 fprintf(logfile, " a2a_sent_mb:%.3f,%.3f,%.3f,%.3f a2a_recv_mb:%.3f,%.3f,%.3f,%.3f",
                         sent_mb[0], sent_mb[1], sent_mb[2], sent_mb[3], recv_mb[0], recv_mb[1], recv_mb[2], recv_mb[3]);

@@ -50,6 +50,10 @@ expect_error shard_wrong_magic "bad magic" $SMALL -i "$tmp/magic.bin" -x 1
 expect_error shard_truncated "truncated" $SMALL -i "$tmp/trunc.bin" -x 1
 expect_error token_out_of_range "token 60000" $SMALL -i "$tmp/vocab.bin" -x 1
 expect_error resume_without_checkpoint "no checkpoint" $SMALL -o "$tmp/empty" -y 1
+expect_error lsh_without_experts "needs E > 1 experts" -e d4 -b 2 -t 32 -v 0 -s 0 -J 2
+expect_error lsh_key_overflow "64-bit key" $SMALL -J 32 -P 16
+expect_error lsh_dp_zero "flag -P: expected an integer >= 1" $SMALL -J 2 -P 0
+expect_error lsh_sources_not_dividing_B "must divide the batch" $SMALL -J 2 -V 3
 mkdir -p "$tmp/keep" && echo "previous run" >"$tmp/keep/main.log"
 expect_error nothing_overwritten "top-k" -e d4 -E 4 -K 9 -o "$tmp/keep"
 if [ "$(cat "$tmp/keep/main.log")" = "previous run" ]; then echo "ok   bad_input/cli_output_untouched"; else echo "FAIL bad_input/cli_output_untouched"; fi
