@@ -5,14 +5,22 @@ This file is the readable specification of the model: every layer's forward and 
 written out by hand, in the order data flows, as in llm.c's train_gpt2.c. Layer l is an MoE layer
 when l % moe_every == moe_every - 1 (and E > 1); other layers keep GPT-2's dense MLP.
 
-An MoE layer, for the N = B*T token rows x after ln2:
-  moe_router_forward    logits = x @ Wr^T, softmax, top-k, gates, load-balancing and z-losses
-  moe_dispatch_layout   stable sort of the N*K slots by expert, capacity dropping (plain C,
-                        shared with the distributed paths)
-  moe_dispatch_forward  gather the kept slots' rows, grouped by expert
+An MoE layer (moe_layer_forward), for the N = B*T token rows x after ln2 on this process:
+  moe_router_forward    logits = x @ Wr^T (fp32), softmax, top-k, gates, z-loss; the counts of
+                        all ranks give the load-balancing loss (moe_load_balance_forward)
+  moe_capacity_plan     each expert keeps its first cap slots in (source rank, slot) order
+  moe_dispatch_layout   the kept slots sorted stably by expert (plain C, shared with the GPU path)
+  moe_dispatch_forward  gather their rows; lsh_group_compress (optional, lshmoe.h) replaces each
+                        (expert, source) group by its bucket centroids
+  alltoall_rows         dispatch: each rank receives its experts' rows (MPI, or a copy)
   moe_experts_forward   each expert is a GPT-2 MLP of hidden size H over its rows
-  moe_combine_forward   out[t] = sum over kept slots of gate * expert output
-The backward runs the same steps in reverse.
+  alltoall_rows         combine: the outputs go back; lsh_group_decompress adds the residual
+  moe_combine_forward   out[t] = sum over t's kept slots of gate * expert output
+moe_layer_backward runs the same steps in reverse, with two more all-to-alls.
+
+Expert parallelism: W processes under mpirun (-DUSE_MPI), rank r holds experts [r*E/W,
+(r+1)*E/W); everything else is replicated and its gradients summed (gpt2_allreduce_grads).
+Without MPI, W = 1 and the same code runs with the all-to-alls as copies.
 
 Conventions: activations are written (=), gradients accumulate (+=); the gradient buffers are
 zeroed by gpt2_zero_grad. Shapes are in comments: B batch, T time, C channels, V vocab, Vp padded
@@ -671,6 +679,15 @@ void moe_router_backward(float* dx, float* drouterw, // (N,C), (E,C)
     matmul_backward(dx, drouterw, NULL, dlogits, x, routerw, N, C, E);
 }
 
+// total (E) = the slots all W ranks routed to each expert; returns total
+int* moe_total_counts(int* total, const int* counts, int W, int E) { // (E), (W,E)
+    for (int e = 0; e < E; e++) {
+        total[e] = 0;
+        for (int q = 0; q < W; q++) { total[e] += counts[q * E + e]; }
+    }
+    return total;
+}
+
 // capacity per expert: ceil(capacity_factor * N * K / E) slots, N the tokens of the whole batch
 // (all ranks); <= 0 means dropless
 int moe_capacity(float capacity_factor, long long N, int K, int E) {
@@ -1188,6 +1205,48 @@ void moe_groups_layout(int* group_rows, long long* wire, // (E*V+1), [0] += cros
     group_rows[E * V] = send_offsets[E];
 }
 
+// the routing tensors of MoE layer m, for a forward of N tokens (the shared scratch as it is)
+MoERouting moe_layer_routing(const GPT2* model, int m, int N) {
+    const GPT2Config* c = &model->config;
+    size_t E = c->num_experts, W = model->comm.world, S = (size_t)N * c->top_k, G1 = E * model->sources + 1;
+    size_t WS = W * model->batch_size * model->seq_len * c->top_k; // rows one rank's experts can receive
+    MoERouting r = model->routing;
+    r.expert_idx += m * S;
+    r.counts += m * W * E;
+    r.kept += m * W * E;
+    r.wire += m * W * E;
+    r.slot_row += m * S;
+    r.row_slot += m * S;
+    r.send_offsets += m * (E + 1);
+    r.recv_rows += m * W;
+    r.recv_perm += m * WS;
+    r.expert_offsets += m * (model->E_local + 1);
+    r.send_rows += m * W;
+    r.group_rows += m * G1;
+    r.group_cents += m * G1;
+    if (model->lsh.L > 0) {
+        r.bucket_of_row += m * S;
+        r.bucket_size += m * S;
+    }
+    return r;
+}
+
+// the MoE tensors of layer m among a's (activations or their gradients); the others as they are
+ActivationTensors moe_layer_acts(ActivationTensors a, const GPT2* model, int m, int N) {
+    const GPT2Config* c = &model->config;
+    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden, S = (size_t)N * c->top_k;
+    size_t WS = (size_t)model->comm.world * model->batch_size * model->seq_len * c->top_k;
+    a.router_logits += m * N * E;
+    a.router_probs += m * N * E;
+    a.gates += m * S;
+    a.moe_y += m * S * C;
+    a.expin += m * WS * C;
+    a.exph += m * WS * H;
+    a.exph_gelu += m * WS * H;
+    a.expout += m * WS * C;
+    return a;
+}
+
 // the forward of one MoE layer on this rank's N tokens x (after ln2); out (N,C) is written.
 // Returns this rank's share of the layer's load-balancing and z-losses through lb and z.
 void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, float* lb, float* z) {
@@ -1195,109 +1254,84 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
     int W = model->comm.world, El = model->E_local, S = N * K, V = model->sources, G = E * V;
     int rank = model->comm.rank, lsh = model->lsh.L > 0;
-    size_t WS = (size_t)W * model->batch_size * model->seq_len * K; // per-layer stride of expert buffers
     const ParameterTensors* p = &model->params;
-    ActivationTensors a = model->acts;
-    MoERouting rt = model->routing;
-    int* idx = rt.expert_idx + (size_t)m * S;
-    int* counts = rt.counts + (size_t)m * W * E;
-    int* kept = rt.kept + (size_t)m * W * E;
-    int* wire = rt.wire + (size_t)m * W * E;
-    int* slot_row = rt.slot_row + (size_t)m * S;
-    int* row_slot = rt.row_slot + (size_t)m * S;
-    int* send_offsets = rt.send_offsets + (size_t)m * (E + 1);
-    int* send_rows = rt.send_rows + (size_t)m * W;
-    int* recv_rows = rt.recv_rows + (size_t)m * W;
-    int* recv_perm = rt.recv_perm + (size_t)m * WS;
-    int* expert_offsets = rt.expert_offsets + (size_t)m * (El + 1);
-    int* group_rows = rt.group_rows + (size_t)m * (G + 1);
-    int* group_cents = rt.group_cents + (size_t)m * (G + 1);
-    float* gates = a.gates + (size_t)m * S;
-    float* y = a.moe_y + (size_t)m * S * C;
-    float* expin = a.expin + m * WS * C;
-    float* exph = a.exph + m * WS * H;
-    float* exph_gelu = a.exph_gelu + m * WS * H;
-    float* expout = a.expout + m * WS * C;
-    float* probs = a.router_probs + (size_t)m * N * E;
+    ActivationTensors a = moe_layer_acts(model->acts, model, m, N);
+    MoERouting rt = moe_layer_routing(model, m, N);
 
     // route this rank's tokens, then share the counts: capacity and f_e need the whole batch
-    int* my_counts = counts + (size_t)rank * E;
-    moe_router_forward(a.router_logits + (size_t)m * N * E, probs, idx, gates, my_counts, z, x,
+    int* my_counts = rt.counts + (size_t)rank * E;
+    moe_router_forward(a.router_logits, a.router_probs, rt.expert_idx, a.gates, my_counts, z, x,
                        p->routerw + (size_t)m * E * C, N, C, E, K, cfg->renorm_gates);
-    memcpy(kept, my_counts, E * sizeof(int)); // allgather's send buffer may not alias its output
-    allgather_ints(kept, counts, E, &model->comm);
-    int* total = rt.scratch;
-    for (int e = 0; e < E; e++) { total[e] = 0; for (int q = 0; q < W; q++) { total[e] += counts[q * E + e]; } }
-    *lb = moe_load_balance_forward(probs, total, (long long)S * W, N, E);
+    memcpy(rt.kept, my_counts, E * sizeof(int)); // allgather's send buffer may not alias its output
+    allgather_ints(rt.kept, rt.counts, E, &model->comm);
+    int* total = moe_total_counts(rt.scratch, rt.counts, W, E);
+    *lb = moe_load_balance_forward(a.router_probs, total, (long long)S * W, N, E);
     int cap = moe_capacity(model->capacity_factor, (long long)N * W, K, E);
-    model->dropped_slots += moe_capacity_plan(kept, counts, W, E, cap);
+    model->dropped_slots += moe_capacity_plan(rt.kept, rt.counts, W, E, cap);
 
     // gather the kept rows by expert, then by source within an expert
-    moe_dispatch_layout(slot_row, row_slot, send_offsets, rt.scratch, idx, kept + (size_t)rank * E, S, E);
-    moe_dispatch_forward(a.sendbuf, x, row_slot, send_offsets[E], C, K);
+    moe_dispatch_layout(rt.slot_row, rt.row_slot, rt.send_offsets, rt.scratch, rt.expert_idx, rt.kept + (size_t)rank * E, S, E);
+    moe_dispatch_forward(a.sendbuf, x, rt.row_slot, rt.send_offsets[E], C, K);
     long long crossing = 0;
-    moe_groups_layout(group_rows, &crossing, send_offsets, row_slot, N, K, E, V, rank, W);
+    moe_groups_layout(rt.group_rows, &crossing, rt.send_offsets, rt.row_slot, N, K, E, V, rank, W);
     model->wire_rows[0] += crossing;
     const float* dispatched = a.sendbuf; // what the all-to-all sends: rows, or their centroids
     if (lsh) {
         // LSH-MoE sec. 3: hash each group, send only its bucket centroids
-        int* bucket_of_row = rt.bucket_of_row + (size_t)m * S;
-        int* bucket_size = rt.bucket_size + (size_t)m * S;
         lsh_projections_init(model->lsh_R, model->lsh.L, model->lsh.dp, C, lsh_seed(model->lsh_seed, m, model->step));
         int* my_wire = rt.scratch;
         int per_owner = E / (W * V);
         crossing = 0;
-        group_cents[0] = 0;
+        rt.group_cents[0] = 0;
         for (int e = 0; e < E; e++) {
             my_wire[e] = 0;
             for (int v = 0; v < V; v++) {
-                int g = e * V + v, r0 = group_rows[g], n = group_rows[g + 1] - r0, c0 = group_cents[g];
-                int mg = lsh_group_compress(a.lsh_cent + (size_t)c0 * C, bucket_of_row + r0, bucket_size + c0,
+                int g = e * V + v, r0 = rt.group_rows[g], n = rt.group_rows[g + 1] - r0, c0 = rt.group_cents[g];
+                int mg = lsh_group_compress(a.lsh_cent + (size_t)c0 * C, rt.bucket_of_row + r0, rt.bucket_size + c0,
                                             a.sendbuf + (size_t)r0 * C, n, C, model->lsh_R, &model->lsh,
                                             model->lsh_scratch, &model->lsh_stats);
-                group_cents[g + 1] = c0 + mg;
+                rt.group_cents[g + 1] = c0 + mg;
                 my_wire[e] += mg;
                 if (e / per_owner != rank * V + v) { crossing += mg; }
             }
         }
         model->wire_rows[1] += crossing;
         // the count exchange carries centroid counts, known only after hashing
-        allgather_ints(my_wire, wire, E, &model->comm);
+        allgather_ints(my_wire, rt.wire, E, &model->comm);
         dispatched = a.lsh_cent;
     } else {
         model->wire_rows[1] += crossing;
-        memcpy(wire, kept, (size_t)W * E * sizeof(int));
+        memcpy(rt.wire, rt.kept, (size_t)W * E * sizeof(int));
     }
     // dispatch: each rank gets its experts' rows
     for (int q = 0; q < W; q++) {
-        send_rows[q] = 0;
-        for (int e = q * El; e < (q + 1) * El; e++) { send_rows[q] += wire[rank * E + e]; }
+        rt.send_rows[q] = 0;
+        for (int e = q * El; e < (q + 1) * El; e++) { rt.send_rows[q] += rt.wire[rank * E + e]; }
     }
-    int R = moe_receive_layout(recv_perm, expert_offsets, recv_rows, wire, W, E, model->e0, El);
-    alltoall_rows(dispatched, send_rows, a.recvbuf, recv_rows, C, &model->comm);
-    moe_rows_to_experts(expin, a.recvbuf, recv_perm, R, C);
+    int R = moe_receive_layout(rt.recv_perm, rt.expert_offsets, rt.recv_rows, rt.wire, W, E, model->e0, El);
+    alltoall_rows(dispatched, rt.send_rows, a.recvbuf, rt.recv_rows, C, &model->comm);
+    moe_rows_to_experts(a.expin, a.recvbuf, rt.recv_perm, R, C);
     // the experts held here
-    moe_experts_forward(exph, exph_gelu, expout, expin, expert_offsets,
+    moe_experts_forward(a.exph, a.exph_gelu, a.expout, a.expin, rt.expert_offsets,
                         p->expfcw + (size_t)m * El * H * C, p->expfcb + (size_t)m * El * H,
                         p->expprojw + (size_t)m * El * C * H, p->expprojb + (size_t)m * El * C, El, C, H);
     // combine: outputs back to their senders, gate-weighted sum per token
-    moe_rows_to_sources(a.recvbuf, expout, recv_perm, R, C);
-    alltoall_rows(a.recvbuf, recv_rows, lsh ? a.lsh_ycent : y, send_rows, C, &model->comm);
+    moe_rows_to_sources(a.recvbuf, a.expout, rt.recv_perm, R, C);
+    alltoall_rows(a.recvbuf, rt.recv_rows, lsh ? a.lsh_ycent : a.moe_y, rt.send_rows, C, &model->comm);
     if (lsh) {
         // LSH-MoE Eq. 5: each row's output is its centroid's plus the residual the sender kept
-        int* bucket_of_row = rt.bucket_of_row + (size_t)m * S;
         for (int g = 0; g < G; g++) {
-            int r0 = group_rows[g], c0 = group_cents[g];
-            lsh_group_decompress(y + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C, a.sendbuf + (size_t)r0 * C,
-                                 a.lsh_cent + (size_t)c0 * C, bucket_of_row + r0, group_rows[g + 1] - r0, C,
+            int r0 = rt.group_rows[g], c0 = rt.group_cents[g];
+            lsh_group_decompress(a.moe_y + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C, a.sendbuf + (size_t)r0 * C,
+                                 a.lsh_cent + (size_t)c0 * C, rt.bucket_of_row + r0, rt.group_rows[g + 1] - r0, C,
                                  &model->lsh, &model->lsh_stats);
         }
     }
-    moe_combine_forward(out, y, gates, slot_row, N, C, K);
+    moe_combine_forward(out, a.moe_y, a.gates, rt.slot_row, N, C, K);
     for (int q = 0; q < W; q++) {
         if (q == rank) { continue; }
-        model->a2a_sent[0] += send_rows[q]; model->a2a_recv[0] += recv_rows[q];
-        model->a2a_sent[1] += recv_rows[q]; model->a2a_recv[1] += send_rows[q];
+        model->a2a_sent[0] += rt.send_rows[q]; model->a2a_recv[0] += rt.recv_rows[q];
+        model->a2a_sent[1] += rt.recv_rows[q]; model->a2a_recv[1] += rt.send_rows[q];
     }
 }
 
@@ -1306,68 +1340,53 @@ void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const 
     const GPT2Config* cfg = &model->config;
     int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
     int W = model->comm.world, El = model->E_local, S = N * K, G = E * model->sources, lsh = model->lsh.L > 0;
-    size_t WS = (size_t)W * model->batch_size * model->seq_len * K;
     const ParameterTensors* p = &model->params;
     ParameterTensors* g = &model->grads;
-    ActivationTensors a = model->acts, da = model->grads_acts;
-    MoERouting rt = model->routing;
-    int* slot_row = rt.slot_row + (size_t)m * S;
-    int* send_offsets = rt.send_offsets + (size_t)m * (E + 1);
-    int* send_rows = rt.send_rows + (size_t)m * W;
-    int* recv_rows = rt.recv_rows + (size_t)m * W;
-    int* recv_perm = rt.recv_perm + (size_t)m * WS;
-    int* expert_offsets = rt.expert_offsets + (size_t)m * (El + 1);
-    int* counts = rt.counts + (size_t)m * W * E;
-    int* group_rows = rt.group_rows + (size_t)m * (G + 1);
-    int* group_cents = rt.group_cents + (size_t)m * (G + 1);
-    int* bucket_of_row = lsh ? rt.bucket_of_row + (size_t)m * S : NULL;
-    int* bucket_size = lsh ? rt.bucket_size + (size_t)m * S : NULL;
-    int R = expert_offsets[El];
-    float* dy = da.moe_y + (size_t)m * S * C;
-    float* dexpout = da.expout + m * WS * C;
-    float* dexpin = da.expin + m * WS * C;
+    ActivationTensors a = moe_layer_acts(model->acts, model, m, N);
+    ActivationTensors da = moe_layer_acts(model->grads_acts, model, m, N);
+    MoERouting rt = moe_layer_routing(model, m, N);
+    int R = rt.expert_offsets[El];
     // combine backward: gradients at the expert outputs go to the experts' owners
-    moe_combine_backward(dy, da.gates + (size_t)m * S, dout, a.moe_y + (size_t)m * S * C, a.gates + (size_t)m * S, slot_row, N, C, K);
-    const float* dsent = dy;
+    moe_combine_backward(da.moe_y, da.gates, dout, a.moe_y, a.gates, rt.slot_row, N, C, K);
+    const float* dsent = da.moe_y;
     if (lsh) { // one gradient row per centroid: G_b = sum of its rows' gradients
         for (int gi = 0; gi < G; gi++) {
-            int r0 = group_rows[gi], c0 = group_cents[gi];
-            lsh_group_decompress_backward(a.lsh_cent + (size_t)c0 * C, dy + (size_t)r0 * C, bucket_of_row + r0,
-                                          group_rows[gi + 1] - r0, group_cents[gi + 1] - c0, C, &model->lsh_stats);
+            int r0 = rt.group_rows[gi], c0 = rt.group_cents[gi];
+            lsh_group_decompress_backward(a.lsh_cent + (size_t)c0 * C, da.moe_y + (size_t)r0 * C, rt.bucket_of_row + r0,
+                                          rt.group_rows[gi + 1] - r0, rt.group_cents[gi + 1] - c0, C, &model->lsh_stats);
         }
         dsent = a.lsh_cent;
     }
-    alltoall_rows(dsent, send_rows, a.recvbuf, recv_rows, C, &model->comm);
-    moe_rows_to_experts(dexpout, a.recvbuf, recv_perm, R, C);
-    moe_experts_backward(dexpin, da.exph + m * WS * H, da.exph_gelu + m * WS * H,
+    alltoall_rows(dsent, rt.send_rows, a.recvbuf, rt.recv_rows, C, &model->comm);
+    moe_rows_to_experts(da.expout, a.recvbuf, rt.recv_perm, R, C);
+    moe_experts_backward(da.expin, da.exph, da.exph_gelu,
                          g->expfcw + (size_t)m * El * H * C, g->expfcb + (size_t)m * El * H,
                          g->expprojw + (size_t)m * El * C * H, g->expprojb + (size_t)m * El * C,
-                         dexpout, a.expin + m * WS * C, a.exph + m * WS * H, a.exph_gelu + m * WS * H,
-                         expert_offsets, p->expfcw + (size_t)m * El * H * C, p->expprojw + (size_t)m * El * C * H, El, C, H);
+                         da.expout, a.expin, a.exph, a.exph_gelu,
+                         rt.expert_offsets, p->expfcw + (size_t)m * El * H * C, p->expprojw + (size_t)m * El * C * H, El, C, H);
     // dispatch backward: input gradients back to the senders, scatter-added per token
-    moe_rows_to_sources(a.recvbuf, dexpin, recv_perm, R, C);
-    alltoall_rows(a.recvbuf, recv_rows, lsh ? a.lsh_ycent : a.sendbuf, send_rows, C, &model->comm);
+    moe_rows_to_sources(a.recvbuf, da.expin, rt.recv_perm, R, C);
+    alltoall_rows(a.recvbuf, rt.recv_rows, lsh ? a.lsh_ycent : a.sendbuf, rt.send_rows, C, &model->comm);
     if (lsh) { // dx_i = g_i + (J^T G_b - G_b) / n_b (compensated), or J^T G_b / n_b
-        memset(a.sendbuf, 0, (size_t)send_offsets[E] * C * sizeof(float));
+        memset(a.sendbuf, 0, (size_t)rt.send_offsets[E] * C * sizeof(float));
         for (int gi = 0; gi < G; gi++) {
-            int r0 = group_rows[gi], c0 = group_cents[gi];
-            lsh_group_compress_backward(a.sendbuf + (size_t)r0 * C, dy + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C,
-                                        a.lsh_cent + (size_t)c0 * C, bucket_of_row + r0, bucket_size + c0,
-                                        group_rows[gi + 1] - r0, C, &model->lsh, &model->lsh_stats);
+            int r0 = rt.group_rows[gi], c0 = rt.group_cents[gi];
+            lsh_group_compress_backward(a.sendbuf + (size_t)r0 * C, da.moe_y + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C,
+                                        a.lsh_cent + (size_t)c0 * C, rt.bucket_of_row + r0, rt.bucket_size + c0,
+                                        rt.group_rows[gi + 1] - r0, C, &model->lsh, &model->lsh_stats);
         }
     }
-    moe_dispatch_backward(dx, a.sendbuf, rt.row_slot + (size_t)m * S, send_offsets[E], C, K);
+    moe_dispatch_backward(dx, a.sendbuf, rt.row_slot, rt.send_offsets[E], C, K);
     // router backward, with f_e of the whole batch
-    int* total = rt.scratch;
-    for (int e = 0; e < E; e++) { total[e] = 0; for (int q = 0; q < W; q++) { total[e] += counts[q * E + e]; } }
-    moe_router_backward(dx, g->routerw + (size_t)m * E * C, da.router_logits + (size_t)m * N * E, da.router_probs + (size_t)m * N * E,
-                        da.gates + (size_t)m * S, x, p->routerw + (size_t)m * E * C, a.router_logits + (size_t)m * N * E,
-                        a.router_probs + (size_t)m * N * E, rt.expert_idx + (size_t)m * S, a.gates + (size_t)m * S,
+    int* total = moe_total_counts(rt.scratch, rt.counts, W, E);
+    moe_router_backward(dx, g->routerw + (size_t)m * E * C, da.router_logits, da.router_probs,
+                        da.gates, x, p->routerw + (size_t)m * E * C, a.router_logits,
+                        a.router_probs, rt.expert_idx, a.gates,
                         total, (long long)S * W, model->lb_scale, model->z_scale, N, C, E, K, cfg->renorm_gates);
     for (int q = 0; q < W; q++) {
         if (q == model->comm.rank) { continue; }
-        model->a2a_sent[2] += send_rows[q]; model->a2a_recv[2] += recv_rows[q];
-        model->a2a_sent[3] += recv_rows[q]; model->a2a_recv[3] += send_rows[q];
+        model->a2a_sent[2] += rt.send_rows[q]; model->a2a_recv[2] += rt.recv_rows[q];
+        model->a2a_sent[3] += rt.recv_rows[q]; model->a2a_recv[3] += rt.send_rows[q];
     }
 }
 

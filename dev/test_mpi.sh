@@ -72,8 +72,12 @@ try:
     ok = len(l[1]) == 10 and all(len(l[w]) == 10 for w in (2, 4)) and worst < 2e-5 and same_drop
     table = " ".join(f"s{s}:{l[1][s][0]:.6f}/{l[2][s][0]:.6f}/{l[4][s][0]:.6f}" for s in (0, 9))
     print(f"{'ok  ' if ok else 'FAIL'} mpi/trainer_losses_W1_W2_W4_capacity{cf} max diff {worst:.1e} (bound 2e-5), same dropped slots: {same_drop}; W1/W2/W4 {table}")
+    for s in sorted(l[1]):
+        print(f"     capacity {cf} step {s}: loss W=1 {l[1][s][0]:.6f}  W=2 {l[2][s][0]:.6f}  W=4 {l[4][s][0]:.6f}  dropped slots {l[1][s][1]}")
 except Exception as e:
     print(f"FAIL mpi/trainer_losses_W1_W2_W4_capacity{cf} {e}")
 PY
 done
-grep -h "a2a" "$tmp/w4_cf0/main.log" | head -1 | sed 's/^/     W=4 rank 0 traffic, step 0: /'
+for w in 2 4; do
+    grep -h "a2a" "$tmp/w${w}_cf0/main.log" | head -1 | grep -o "a2a_sent.*" | sed "s/^/     W=$w rank 0, step 0, MB per all-to-all (dispatch, combine, their backwards): /"
+done
