@@ -2460,8 +2460,8 @@ int main(int argc, char** argv) {
             for (int e = 0; e < E; e++) { printf0(" %.2f", (double)load[e] * E / slots); }
             if (W > 1) { printf0(" | a2a %.2f MB sent", sent_total); }
             if (args.lsh_L > 0) {
-                printf0(" | lsh rate %.3f err %.3f | wire %.2f of %.2f MB", lsh_stats_rate(&model.lsh_stats),
-                        lsh_stats_rel_error(&model.lsh_stats), wire_mb[1], wire_mb[0]);
+                printf0(" | lsh rate %.3f bucket %.1f err %.3f | wire %.2f of %.2f MB", lsh_stats_rate(&model.lsh_stats),
+                        lsh_stats_bucket_mean(&model.lsh_stats), lsh_stats_rel_error(&model.lsh_stats), wire_mb[1], wire_mb[0]);
             }
         }
         printf0(" | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", norm, lr, ms, args.total_batch / (ms / 1000.0));

@@ -5,7 +5,8 @@ Trains the same small MoE (d4, E=8 experts, top-2, 4 simulated source ranks, dro
 Tiny Shakespeare with the same seed, data order and steps, once uncompressed and once per LSH
 setting: several compression rates with residual compensation, and one rate without it. Writes
 per-step CSV, a PNG (val loss vs step; final val loss vs bytes sent per step) and prints the
-summary table (markdown) that README.md quotes.
+summary table (markdown) that README.md quotes. A longer look at three of the runs:
+    /usr/bin/python3 dev/lsh_quality.py --steps 300 --val-every 50 --out dev/lsh_quality_300 --runs uncompressed,lsh_L3_dp1,lsh_L3_dp1_nocomp
 
 Run from the repository root after `make train_gpt2_moe_cpu` (about 15 minutes on 2 cores):
     /usr/bin/python3 dev/lsh_quality.py                 # writes dev/lsh_quality/{runs.csv,summary.csv,lsh_quality.png}
@@ -50,17 +51,20 @@ def parse_log(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--out", default="dev/lsh_quality")
     ap.add_argument("--bin", default="./train_gpt2_moe_cpu")
     ap.add_argument("--reuse", action="store_true", help="keep runs whose log already reaches the last step")
+    ap.add_argument("--runs", default="", help="comma-separated subset of the run names (default: all)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     common = ["-e", "d4", "-E", "8", "-K", "2", "-V", "4", "-F", "0", "-b", "8", "-t", "64",
-              "-x", str(args.steps), "-v", "10", "-m", "8", "-s", "0", "-l", "1e-3", "-u", "5",
+              "-x", str(args.steps), "-v", str(args.val_every), "-m", "8", "-s", "0", "-l", "1e-3", "-u", "5",
               "-q", "0.1", "-S", "1337"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
     logs = {}
-    for name, flags in RUNS:
+    runs = [r for r in RUNS if not args.runs or r[0] in args.runs.split(",")]
+    for name, flags in runs:
         outdir = os.path.join(args.out, name)
         log = os.path.join(outdir, "main.log")
         done = os.path.exists(log) and f"s:{args.steps} tel:" in open(log).read()
