@@ -370,6 +370,20 @@ def check_finite_differences(model, idx, targets, routes, n_entries=3, h=1e-6):
     assert rel32 < 1e-4, f"float32 vs float64 gradients differ: {rel32}"
     return worst, rel32
 
+def naive_slots(x, rw, K, renorm, cf):
+    """Routing one token at a time, in slot order: yields (token, expert, gate, kept) for every
+    slot; kept is False once the expert's capacity ceil(cf * N * K / E) is used (cf <= 0: never)."""
+    N, E = x.shape[0], rw.shape[0]
+    cap = math.ceil(cf * N * K / E) if cf > 0 else N * K
+    used = [0] * E
+    for t in range(N):
+        p = (x[t] @ rw.T).softmax(-1).tolist()
+        chosen = sorted(range(E), key=lambda e: (-p[e], e))[:K]
+        norm = sum(p[e] for e in chosen) if (renorm and K > 1) else 1.0
+        for e in chosen:
+            used[e] += 1
+            yield t, e, p[e] / norm, used[e] <= cap
+
 def check_moe_naive(model, idx, targets):
     """Recompute each MoE layer one token at a time with plain Python bookkeeping."""
     cfg, cf, K = model.cfg, model.train_cfg.capacity_factor, model.cfg.K
@@ -379,19 +393,12 @@ def check_moe_naive(model, idx, targets):
     for lm, (x, out, nd) in enumerate(model.trace):            # x (N, C), out (N, C)
         rw, w1, b1, w2, b2 = (getattr(model, n)[lm].detach()
                               for n in ("routerw", "expfcw", "expfcb", "expprojw", "expprojb"))
-        N, E = x.shape[0], rw.shape[0]
-        cap = math.ceil(cf * N * K / E) if cf > 0 else N * K
-        used, ref, dropped = [0] * E, torch.zeros_like(x), 0
-        for t in range(N):
-            p = (x[t] @ rw.T).softmax(-1).tolist()
-            chosen = sorted(range(E), key=lambda e: (-p[e], e))[:K]
-            norm = sum(p[e] for e in chosen) if (cfg.renorm and K > 1) else 1.0
-            for e in chosen:
-                used[e] += 1
-                if used[e] > cap:
-                    dropped += 1
-                    continue
-                ref[t] += p[e] / norm * mlp(x[t], w1[e], b1[e], w2[e], b2[e])
+        ref, dropped = torch.zeros_like(x), 0
+        for t, e, gate, kept in naive_slots(x, rw, K, cfg.renorm, cf):
+            if not kept:
+                dropped += 1
+                continue
+            ref[t] += gate * mlp(x[t], w1[e], b1[e], w2[e], b2[e])
         assert dropped == nd and torch.allclose(ref, out, atol=1e-6), "naive MoE check failed"
     n, model.trace = len(model.trace), None
     return n
@@ -410,17 +417,11 @@ def check_lsh_naive(model, idx, targets):
         rw, w1, b1, w2, b2 = (getattr(model, n)[lm].detach()
                               for n in ("routerw", "expfcw", "expfcb", "expprojw", "expprojb"))
         R = projections(L, dp, C, lsh_seed(tr.lsh_S, lm, 0))
-        N, E = x.shape[0], rw.shape[0]
-        cap = math.ceil(tr.capacity_factor * N * K / E) if tr.capacity_factor > 0 else N * K
-        used, groups = [0] * E, {}                             # (e, v) -> [(t, gate)] in slot order
-        for t in range(N):
-            p = (x[t] @ rw.T).softmax(-1).tolist()
-            chosen = sorted(range(E), key=lambda e: (-p[e], e))[:K]
-            norm = sum(p[e] for e in chosen) if (cfg.renorm and K > 1) else 1.0
-            for e in chosen:
-                used[e] += 1
-                if used[e] <= cap:
-                    groups.setdefault((e, t // (N // tr.lsh_ranks)), []).append((t, p[e] / norm))
+        N = x.shape[0]
+        groups = {}                                            # (e, v) -> [(t, gate)] in slot order
+        for t, e, gate, kept in naive_slots(x, rw, K, cfg.renorm, tr.capacity_factor):
+            if kept:
+                groups.setdefault((e, t // (N // tr.lsh_ranks)), []).append((t, gate))
         ref = torch.zeros_like(x)
         model_buckets = {(e, v): b.tolist() for e, ge in enumerate(routes[lm][2]) for v, _, b in ge}
         assert set(model_buckets) == set(groups), "naive LSH check: groups differ"
