@@ -22,27 +22,48 @@ MPICC := $(shell which mpicc 2>/dev/null)
 
 .PHONY: all run test test-gpu bench bench-cpu data clean
 
-all: train_gpt2_moe_cpu test_moe test_moe_f64 dev/data/tokenize
+# every header a trainer or test includes: editing one rebuilds every binary
+HEADERS = utils.h comm.h model.h moe_layout.h train.h dataloader.h tokenizer.h lshmoe.h
+TEST_HEADERS = $(HEADERS) dev/testing.h
 
-train_gpt2_moe_cpu: train_gpt2_moe.c tokenizer.h dataloader.h lshmoe.h
+all: train_gpt2_moe_cpu test_moe test_moe_f64 dev/test_dataloader dev/test_lshmoe dev/data/tokenize
+
+train_gpt2_moe_cpu: train_gpt2_moe.c $(HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-test_moe: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h lshmoe.h dev/test_dataloader_snippet.c dev/test_lshmoe_snippet.c
+test_moe: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the same trainer in double precision, for finite-difference checks
-test_moe_f64: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h
+test_moe_f64: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 	$(CC) $(CFLAGS) -DTEST_F64 $< -o $@ $(LDLIBS)
 
+# the headers' own test programs
+dev/test_dataloader: dev/test_dataloader.c $(TEST_HEADERS)
+	$(CC) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+
+dev/test_lshmoe: dev/test_lshmoe.c $(TEST_HEADERS)
+	$(CC) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+
+# the test suite under AddressSanitizer and UndefinedBehaviorSanitizer (make test runs it)
+SANITIZE = -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+test_moe_asan: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
+	$(CC) $(CFLAGS) $(SANITIZE) $< -o $@ $(LDLIBS)
+dev/test_dataloader_asan: dev/test_dataloader.c $(TEST_HEADERS)
+	$(CC) $(CFLAGS) $(SANITIZE) -I. $< -o $@ $(LDLIBS)
+dev/test_lshmoe_asan: dev/test_lshmoe.c $(TEST_HEADERS)
+	$(CC) $(CFLAGS) $(SANITIZE) -I. $< -o $@ $(LDLIBS)
+ASAN_TARGETS = test_moe_asan dev/test_dataloader_asan dev/test_lshmoe_asan
+
 # expert parallelism over MPI between CPU processes: mpirun -np W ./train_gpt2_moe_mpi ...
-train_gpt2_moe_mpi: train_gpt2_moe.c tokenizer.h dataloader.h
+train_gpt2_moe_mpi: train_gpt2_moe.c $(HEADERS)
 ifeq ($(MPICC),)
 	@echo "mpicc not found: install libopenmpi-dev openmpi-bin for the MPI build" && false
 else
 	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -DUSE_MPI $< -o $@ $(LDLIBS)
 endif
 
-test_moe_mpi: test_moe.c train_gpt2_moe.c tokenizer.h dataloader.h
+test_moe_mpi: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 ifeq ($(MPICC),)
 	@echo "mpicc not found: install libopenmpi-dev openmpi-bin for the MPI tests" && false
 else
@@ -60,7 +81,7 @@ run: train_gpt2_moe_cpu
 # when torch is installed, else uses the ones committed in dev/reference/states
 # (the MPI tests join when mpicc is installed, and report themselves skipped otherwise)
 MPI_TEST_TARGETS := $(if $(MPICC),test_moe_mpi train_gpt2_moe_mpi,)
-test: test_moe test_moe_f64 train_gpt2_moe_cpu dev/data/tokenize $(MPI_TEST_TARGETS)
+test: test_moe test_moe_f64 dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) train_gpt2_moe_cpu dev/data/tokenize $(MPI_TEST_TARGETS)
 	PYTHON=$(PYTHON) bash dev/run_tests.sh
 
 test-gpu:
@@ -79,4 +100,4 @@ data: dev/data/tokenize
 	bash dev/data/tinyshakespeare.sh
 
 clean:
-	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize
+	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS)

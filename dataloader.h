@@ -37,7 +37,7 @@ order) in epoch e one seeded by (seed, e, f). Both are pure functions of those i
 rank computes the same order and a resume needs only (epoch, shard_idx, sample_idx), no RNG state.
 Without shuffle: shards in sorted glob order, samples in file order, every epoch the same.
 A position is valid only for the same files, B, T and W it was taken with (the sample count of a
-shard depends on them); dataloader_resume exits if it is out of range.
+shard depends on them); dataloader_resume exits if it is out of range (dataloader_position_check).
 
 Checks. dataloader_init runs shard_check on every file the glob matches: header readable, magic,
 version, file size exactly 1024 + 2*ntok, and ntok >= B*T*W + 1 (one batch). These read 1 KB per
@@ -45,8 +45,9 @@ file, so init stays fast on FineWeb-sized data (100 x 200 MB). Token values are 
 read instead (each token < vocab_size, else the error names the file and the token's position):
 scanning all tokens at init would read the whole dataset on every start of every rank.
 shard_check_tokens does that full scan, for data tools and tests. Any error is one line on stderr,
-"dataloader: <file>: <what is wrong>", then exit(EXIT_FAILURE); shard_check, shard_check_tokens
-and shard_read_tokens return a SHARD_* code and fill a message instead, for tests and tools.
+"error: dataloader: <file>: <what is wrong>", then a non-zero exit (utils.h's fail_exit);
+shard_check, shard_check_tokens, shard_read_tokens and dataloader_position_check return a code
+and fill a message instead, for tests, tools and collective checks across ranks.
 Reads are one fseek + fread of the B*T+1 tokens needed; the current shard stays open.
 Positions and offsets are in tokens; file offsets use long (64-bit on the LP64 systems we run on).
 */
@@ -62,6 +63,7 @@ Positions and offsets are in tokens; file offsets use long (64-bit on the LP64 s
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "utils.h" // fail_exit, mallocCheck, fopenCheck
 
 #define SHARD_MAGIC 20240520
 #define SHARD_VERSION 1
@@ -80,39 +82,6 @@ enum {
     SHARD_EFEW,      // ntok < min_tokens (not one batch for all processes)
     SHARD_ETOKEN,    // a token >= vocab_size
 };
-
-// ----------------------------------------------------------------------------
-// error handling: one line naming the call, the file, and where in this code
-
-static inline void dataloader_fail(const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    fprintf(stderr, "dataloader: ");
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
-    exit(EXIT_FAILURE);
-}
-
-static inline FILE* dataloader_fopen_check(const char* path, const char* mode, const char* file, int line) {
-    FILE* f = fopen(path, mode);
-    if (f == NULL) {
-        dataloader_fail("%s: fopen (mode %s) failed: %s (%s:%d)", path, mode, strerror(errno), file, line);
-    }
-    return f;
-}
-
-static inline void* dataloader_malloc_check(size_t size, const char* file, int line) {
-    void* p = malloc(size);
-    if (p == NULL && size > 0) {
-        dataloader_fail("malloc of %zu bytes failed (%s:%d)", size, file, line);
-    }
-    return p;
-}
-
-// prefixed so they cannot clash with the trainer's fopenCheck/mallocCheck
-#define dlFopenCheck(path, mode) dataloader_fopen_check(path, mode, __FILE__, __LINE__)
-#define dlMallocCheck(size) dataloader_malloc_check(size, __FILE__, __LINE__)
 
 // fills err (if given) and returns code: the non-exiting checks report through this
 static inline int shard_error(char* err, size_t errlen, int code, const char* fmt, ...) {
@@ -380,13 +349,13 @@ static inline int dataloader_check_pattern(const char* filename_pattern, size_t 
 static inline void dataloader_init(DataLoader* loader, const char* filename_pattern, size_t B, size_t T,
                                    int process_rank, int num_processes, int should_shuffle, uint64_t seed,
                                    int vocab_size) {
-    if (B == 0 || T == 0) { dataloader_fail("%s: B=%zu and T=%zu must be positive", filename_pattern, B, T); }
+    if (B == 0 || T == 0) { fail_exit("dataloader: %s: B=%zu and T=%zu must be positive", filename_pattern, B, T); }
     if (num_processes < 1 || process_rank < 0 || process_rank >= num_processes) {
-        dataloader_fail("%s: process_rank %d out of range for num_processes %d",
+        fail_exit("dataloader: %s: process_rank %d out of range for num_processes %d",
                         filename_pattern, process_rank, num_processes);
     }
     if (vocab_size < 1 || vocab_size > 65536) {
-        dataloader_fail("%s: vocab_size %d out of range (1..65536 for uint16 tokens)", filename_pattern, vocab_size);
+        fail_exit("dataloader: %s: vocab_size %d out of range (1..65536 for uint16 tokens)", filename_pattern, vocab_size);
     }
     loader->B = B;
     loader->T = T;
@@ -396,20 +365,20 @@ static inline void dataloader_init(DataLoader* loader, const char* filename_patt
     loader->seed = seed;
     loader->vocab_size = vocab_size;
     size_t pattern_len = strlen(filename_pattern) + 1;
-    loader->pattern = (char*)dlMallocCheck(pattern_len);
+    loader->pattern = (char*)mallocCheck(pattern_len);
     memcpy(loader->pattern, filename_pattern, pattern_len);
 
     int glob_status = glob(filename_pattern, 0, NULL, &loader->glob_result);
-    if (glob_status == GLOB_NOMATCH) { dataloader_fail("%s: no files match this pattern", filename_pattern); }
-    if (glob_status != 0) { dataloader_fail("%s: glob failed (code %d)", filename_pattern, glob_status); }
+    if (glob_status == GLOB_NOMATCH) { fail_exit("dataloader: %s: no files match this pattern", filename_pattern); }
+    if (glob_status != 0) { fail_exit("dataloader: %s: glob failed (code %d)", filename_pattern, glob_status); }
     loader->num_shards = loader->glob_result.gl_pathc;
 
     // check every shard now (1 KB each), so a bad file fails at start, not hours into a run
     size_t BT = B * T;
     size_t chunk = BT * (size_t)num_processes; // tokens all ranks consume per step
-    loader->shard_num_tokens = (size_t*)dlMallocCheck(loader->num_shards * sizeof(size_t));
-    loader->shard_num_samples = (size_t*)dlMallocCheck(loader->num_shards * sizeof(size_t));
-    loader->shard_order = (size_t*)dlMallocCheck(loader->num_shards * sizeof(size_t));
+    loader->shard_num_tokens = (size_t*)mallocCheck(loader->num_shards * sizeof(size_t));
+    loader->shard_num_samples = (size_t*)mallocCheck(loader->num_shards * sizeof(size_t));
+    loader->shard_order = (size_t*)mallocCheck(loader->num_shards * sizeof(size_t));
     loader->num_tokens = 0;
     loader->num_batches = 0;
     size_t max_samples = 0;
@@ -417,7 +386,7 @@ static inline void dataloader_init(DataLoader* loader, const char* filename_patt
         char err[1024];
         size_t ntok = 0;
         if (shard_check(loader->glob_result.gl_pathv[i], chunk + 1, &ntok, err, sizeof(err)) != SHARD_OK) {
-            dataloader_fail("%s", err);
+            fail_exit("dataloader: %s", err);
         }
         loader->shard_num_tokens[i] = ntok;
         loader->shard_num_samples[i] = (ntok - 1) / chunk;
@@ -425,17 +394,17 @@ static inline void dataloader_init(DataLoader* loader, const char* filename_patt
         loader->num_batches += loader->shard_num_samples[i];
         if (loader->shard_num_samples[i] > max_samples) { max_samples = loader->shard_num_samples[i]; }
     }
-    loader->sample_order = (size_t*)dlMallocCheck(max_samples * sizeof(size_t));
+    loader->sample_order = (size_t*)mallocCheck(max_samples * sizeof(size_t));
     loader->shard_order_epoch = -1;
     loader->sample_order_epoch = -1;
     loader->sample_order_file = 0;
     loader->file = NULL;
     loader->file_index = 0;
 
-    loader->buffer = (uint8_t*)dlMallocCheck(2 * (BT + 1));
-    loader->tokens = (int*)dlMallocCheck((BT + 1) * sizeof(int));
-    loader->inputs = (int*)dlMallocCheck(BT * sizeof(int));
-    loader->targets = (int*)dlMallocCheck(BT * sizeof(int));
+    loader->buffer = (uint8_t*)mallocCheck(2 * (BT + 1));
+    loader->tokens = (int*)mallocCheck((BT + 1) * sizeof(int));
+    loader->inputs = (int*)mallocCheck(BT * sizeof(int));
+    loader->targets = (int*)mallocCheck(BT * sizeof(int));
     dataloader_reset(loader);
 }
 
@@ -445,7 +414,7 @@ static inline void dataloader_next_batch(DataLoader* loader) {
     const char* path = loader->glob_result.gl_pathv[f];
     if (loader->file == NULL || loader->file_index != f) {
         if (loader->file != NULL) { fclose(loader->file); }
-        loader->file = dlFopenCheck(path, "rb");
+        loader->file = fopenCheck(path, "rb");
         loader->file_index = f;
     }
     if (loader->sample_order_epoch != loader->epoch || loader->sample_order_file != f) {
@@ -460,7 +429,7 @@ static inline void dataloader_next_batch(DataLoader* loader) {
     char err[1024];
     if (shard_read_tokens(loader->file, path, offset, BT + 1, loader->vocab_size,
                           loader->buffer, loader->tokens, err, sizeof(err)) != SHARD_OK) {
-        dataloader_fail("%s", err);
+        fail_exit("dataloader: %s", err);
     }
     memcpy(loader->inputs, loader->tokens, BT * sizeof(int));
     memcpy(loader->targets, loader->tokens + 1, BT * sizeof(int));
@@ -485,22 +454,33 @@ static inline DataLoaderPosition dataloader_position(const DataLoader* loader) {
     return pos;
 }
 
-static inline void dataloader_resume(DataLoader* loader, DataLoaderPosition pos) {
+// 0 if pos is a position of this loader's data with its B, T and process count, else -1 with
+// err filled (a resume checks it on every rank before any rank moves)
+static inline int dataloader_position_check(DataLoader* loader, DataLoaderPosition pos, char* err, size_t errlen) {
     if (pos.epoch < 0 || pos.shard_idx < 0 || (uint64_t)pos.shard_idx >= loader->num_shards || pos.sample_idx < 0) {
-        dataloader_fail("%s: resume position (epoch %lld, shard %lld, sample %lld) out of range for %zu shards",
-                        loader->pattern, (long long)pos.epoch, (long long)pos.shard_idx,
-                        (long long)pos.sample_idx, loader->num_shards);
+        snprintf(err, errlen, "dataloader: %s: resume position (epoch %lld, shard %lld, sample %lld) out of range for %zu shards",
+                 loader->pattern, (long long)pos.epoch, (long long)pos.shard_idx, (long long)pos.sample_idx, loader->num_shards);
+        return -1;
     }
+    dataloader_permutation(loader->shard_order, loader->num_shards, loader->should_shuffle,
+                           dataloader_rng_seed(loader->seed, (uint64_t)pos.epoch, 0));
+    loader->shard_order_epoch = pos.epoch;
+    size_t f = loader->shard_order[pos.shard_idx];
+    if ((uint64_t)pos.sample_idx >= loader->shard_num_samples[f]) {
+        snprintf(err, errlen, "dataloader: %s: resume position (epoch %lld, shard %lld, sample %lld) out of range: %s has %zu samples"
+                 " with B=%zu T=%zu num_processes=%d (different data, B, T or process count?)",
+                 loader->pattern, (long long)pos.epoch, (long long)pos.shard_idx, (long long)pos.sample_idx,
+                 loader->glob_result.gl_pathv[f], loader->shard_num_samples[f], loader->B, loader->T, loader->num_processes);
+        return -1;
+    }
+    return 0;
+}
+
+static inline void dataloader_resume(DataLoader* loader, DataLoaderPosition pos) {
+    char err[2048];
+    if (dataloader_position_check(loader, pos, err, sizeof(err)) != 0) { fail_exit("%s", err); }
     loader->epoch = pos.epoch;
     loader->shard_idx = (size_t)pos.shard_idx;
-    size_t f = dataloader_current_file(loader);
-    if ((uint64_t)pos.sample_idx >= loader->shard_num_samples[f]) {
-        dataloader_fail("%s: resume position (epoch %lld, shard %lld, sample %lld) out of range: %s has %zu samples"
-                        " with B=%zu T=%zu num_processes=%d (different data, B, T or process count?)",
-                        loader->pattern, (long long)pos.epoch, (long long)pos.shard_idx,
-                        (long long)pos.sample_idx, loader->glob_result.gl_pathv[f],
-                        loader->shard_num_samples[f], loader->B, loader->T, loader->num_processes);
-    }
     loader->sample_idx = (size_t)pos.sample_idx;
 }
 

@@ -45,7 +45,7 @@ Definitions (exact)
    (6.283185307179586 is the double 2.0 * M_PI; 1.0 - u1 is exact and > 0). libm's log and cos,
    as Python's math.log and math.cos call them: same libm, same bits. (float) rounds to nearest
    even, as struct.pack('<f') and numpy.float32 do. A pure-Python transcription of 1-2 reproduces
-   R bit for bit (golden values in dev/test_lshmoe_snippet.c), also under the Makefile's CFLAGS.
+   R bit for bit (golden values in dev/test_lshmoe.c), also under the Makefile's CFLAGS.
 2. Projections R (L*dp, C): state = seed, then R[r*C + c] = (float)normal() in row-major order
    (r = 0..L*dp-1 outer, c = 0..C-1 inner). Hash function j = 0..L-1 uses rows [j*dp, (j+1)*dp).
    Per (layer, step) seeds (ours: reseeding so bucket errors are not the same all run):

@@ -6,276 +6,211 @@ written out by hand, in the order data flows, as in llm.c's train_gpt2.c. Layer 
 when l % moe_every == moe_every - 1 (and E > 1); other layers keep GPT-2's dense MLP.
 
 An MoE layer (moe_layer_forward), for the N = B*T token rows x after ln2 on this process:
-  moe_router_forward    logits = x @ Wr^T (fp32), softmax, top-k, gates, z-loss; the counts of
-                        all ranks give the load-balancing loss (moe_load_balance_forward)
-  moe_capacity_plan     each expert keeps its first cap slots in (source rank, slot) order
-  moe_dispatch_layout   the kept slots sorted stably by expert (plain C, shared with the GPU path)
-  moe_dispatch_forward  gather their rows; lsh_group_compress (optional, lshmoe.h) replaces each
-                        (expert, source) group by its bucket centroids
-  alltoall_rows         dispatch: each rank receives its experts' rows (MPI, or a copy)
-  moe_experts_forward   each expert is a GPT-2 MLP of hidden size H over its rows
-  alltoall_rows         combine: the outputs go back; lsh_group_decompress adds the residual
-  moe_combine_forward   out[t] = sum over t's kept slots of gate * expert output
+  1. moe_router_forward    logits = x @ Wr^T (fp32), softmax, top-k, gates, z-loss
+  2. allgather_ints        every rank's per-expert slot counts; moe_load_balance_forward gives
+                           the load-balancing loss of the whole batch
+  3. moe_capacity_plan     each expert keeps its first cap slots in (source rank, slot) order
+  4. moe_dispatch_layout   the kept slots sorted stably by expert (moe_layout.h, shared with the GPU)
+  5. moe_dispatch_forward  gather their rows; lsh_groups_compress (optional, lshmoe.h) replaces
+                           each (expert, source) group by its bucket centroids
+  6. alltoall_rows         dispatch: each rank receives its experts' rows (MPI, or a copy)
+  7. moe_experts_forward   each expert is a GPT-2 MLP of hidden size H over its rows
+  8. alltoall_rows         combine: the outputs go back; lsh_groups_decompress adds the residual
+  9. moe_combine_forward   out[t] = sum over t's kept slots of gate * expert output
 moe_layer_backward runs the same steps in reverse, with two more all-to-alls.
 
-Expert parallelism: W processes under mpirun (-DUSE_MPI), rank r holds experts [r*E/W,
-(r+1)*E/W); everything else is replicated and its gradients summed (gpt2_allreduce_grads).
+Expert parallelism: W processes under mpirun (-DUSE_MPI, comm.h), rank r holds experts
+[r*E/W, (r+1)*E/W); everything else is replicated and its gradients summed (gpt2_allreduce_grads).
 Without MPI, W = 1 and the same code runs with the all-to-alls as copies.
 
 Conventions: activations are written (=), gradients accumulate (+=); the gradient buffers are
 zeroed by gpt2_zero_grad. Shapes are in comments: B batch, T time, C channels, V vocab, Vp padded
 vocab, L layers, NH heads, E experts, K top-k, H expert hidden, N = B*T tokens, S = N*K slots,
-Ld / Lm the number of dense / MoE layers.
+W processes, Ld / Lm the number of dense / MoE layers.
 
 Build and run: see README.md (`make run`, `make test`).
 */
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
-#include <stdarg.h>
 #include <string.h>
 #include <math.h>
-#include <time.h>
-#include <limits.h>
-#include <assert.h>
-#include <dirent.h>
-#include <unistd.h>
-#include <sys/stat.h>
 #ifdef OMP
 #include <omp.h>
 #endif
-#ifdef USE_MPI
-#include <mpi.h>
-#endif
-#include "tokenizer.h"  // defines: Tokenizer, tokenizer_init, tokenizer_decode, tokenizer_free
-#include "dataloader.h" // defines: DataLoader, dataloader_init, dataloader_next_batch, ...
+#include "utils.h"      // defines: fail_exit, printf0, mallocCheck, callocCheck, AtomicFile, now_seconds, normal_fill
+#include "comm.h"       // defines: Comm, alltoall_rows, allgather_ints, allreduce_floats, comm_check_all, ...
+#include "model.h"      // defines: GPT2Config, ParameterTensors, PARAM_*, checkpoint_load, checkpoint_save, ...
+#include "moe_layout.h" // defines: MoEStats, moe_capacity_plan, moe_dispatch_layout, moe_groups_layout, ...
 #include "lshmoe.h"     // defines: LSHConfig, lsh_group_compress, lsh_group_decompress, ...
+#include "dataloader.h" // defines: DataLoader, dataloader_init, dataloader_next_batch, ...
+#include "tokenizer.h"  // defines: Tokenizer, tokenizer_decode, safe_printf
+#include "train.h"      // defines: TrainArgs, parse_args, run_start, StepStats, log_step, ...
 
 // ----------------------------------------------------------------------------
-// error checking: each macro names the failing call, the file and the line
+// activations and the MoE layers' routing (the config and the parameters are in model.h)
 
-// printf on rank 0 only (every process is rank 0 without MPI)
-static int process_rank = 0;
-#define printf0(...) do { if (process_rank == 0) { printf(__VA_ARGS__); } } while (0)
+#define NUM_ACTIVATION_TENSORS 31
+typedef struct {
+    float* encoded;       // (B, T, C)
+    float* ln1;           // (L, B, T, C)
+    float* ln1_mean;      // (L, B, T)
+    float* ln1_rstd;      // (L, B, T)
+    float* qkv;           // (L, B, T, 3*C)
+    float* atty;          // (L, B, T, C)
+    float* preatt;        // (L, B, NH, T, T)
+    float* att;           // (L, B, NH, T, T)
+    float* attproj;       // (L, B, T, C)
+    float* residual2;     // (L, B, T, C)
+    float* ln2;           // (L, B, T, C)
+    float* ln2_mean;      // (L, B, T)
+    float* ln2_rstd;      // (L, B, T)
+    float* fch;           // (Ld, B, T, 4*C)
+    float* fch_gelu;      // (Ld, B, T, 4*C)
+    float* mlpout;        // (L, B, T, C) output of the dense MLP or of the MoE layer
+    float* residual3;     // (L, B, T, C)
+    float* lnf;           // (B, T, C)
+    float* lnf_mean;      // (B, T)
+    float* lnf_rstd;      // (B, T)
+    float* logits;        // (B, T, Vp)
+    float* probs;         // (B, T, Vp)
+    float* losses;        // (B, T)
+    float* router_logits; // (Lm, N, E)
+    float* router_probs;  // (Lm, N, E)
+    float* gates;         // (Lm, N, K)
+    float* moe_y;         // (Lm, S, C) expert outputs back at the sender, in send order (S = N*K)
+    float* expin;         // (Lm, W*S, C) rows received by this rank's experts, grouped by expert
+    float* exph;          // (Lm, W*S, H)
+    float* exph_gelu;     // (Lm, W*S, H)
+    float* expout;        // (Lm, W*S, C)
+} ActivationTensors;
 
-// Errors print one line and exit non-zero. While every rank runs the same checks on the same
-// input (flags, config), only rank 0 prints, so W processes give one line, not W.
-static int errors_on_every_rank = 0; // set where ranks can fail for different reasons
-static void fail_exit(const char* fmt, ...) {
-    if (process_rank == 0 || errors_on_every_rank) {
-        va_list args;
-        va_start(args, fmt);
-        fprintf(stderr, "error: ");
-        if (process_rank > 0) { fprintf(stderr, "rank %d: ", process_rank); }
-        vfprintf(stderr, fmt, args);
-        fprintf(stderr, "\n");
-        va_end(args);
-    }
-    exit(EXIT_FAILURE);
+// W*S rows bound what one rank's experts can receive (dropless, every token to one rank)
+void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T, int W) {
+    size_t C = config->channels, NH = config->num_heads, L = config->num_layers, Vp = config->padded_vocab_size;
+    size_t Ld = num_dense_layers(config), Lm = num_moe_layers(config);
+    size_t E = config->num_experts, K = config->top_k, H = config->expert_hidden;
+    size_t N = B * T, S = N * K, WS = (size_t)W * S;
+    if (Lm == 0) { WS = 0; }
+    size_t sizes[NUM_ACTIVATION_TENSORS] = {
+        N * C, L * N * C, L * N, L * N, L * N * 3 * C, L * N * C, L * B * NH * T * T, L * B * NH * T * T,
+        L * N * C, L * N * C, L * N * C, L * N, L * N, Ld * N * 4 * C, Ld * N * 4 * C, L * N * C,
+        L * N * C, N * C, N, N, N * Vp, N * Vp, N,
+        Lm * N * E, Lm * N * E, Lm * N * K, Lm * S * C, Lm * WS * C, Lm * WS * H, Lm * WS * H, Lm * WS * C};
+    memcpy(act_sizes, sizes, sizeof(sizes));
 }
 
-static void* malloc_check(size_t size, const char* file, int line) {
-    void* ptr = malloc(size);
-    if (ptr == NULL && size > 0) { fail_exit("malloc of %zu bytes failed at %s:%d", size, file, line); }
-    return ptr;
-}
-#define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
-
-static void* calloc_check(size_t n, size_t size, const char* file, int line) {
-    void* ptr = calloc(n, size);
-    if (ptr == NULL && n * size > 0) { fail_exit("calloc of %zu bytes failed at %s:%d", n * size, file, line); }
-    return ptr;
-}
-#define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
-
-static FILE* fopen_check(const char* path, const char* mode, const char* file, int line) {
-    FILE* fp = fopen(path, mode);
-    if (fp == NULL) { fail_exit("could not open %s (mode %s) at %s:%d", path, mode, file, line); }
-    return fp;
-}
-#define fopenCheck(path, mode) fopen_check(path, mode, __FILE__, __LINE__)
-
-static void fwrite_check(const void* ptr, size_t size, size_t n, FILE* fp, const char* file, int line) {
-    if (fwrite(ptr, size, n, fp) != n) { fail_exit("fwrite of %zu items failed at %s:%d", n, file, line); }
-}
-#define fwriteCheck(ptr, size, n, fp) fwrite_check(ptr, size, n, fp, __FILE__, __LINE__)
-
-static void fclose_check(FILE* fp, const char* file, int line) {
-    if (fclose(fp) != 0) { fail_exit("fclose failed at %s:%d", file, line); }
-}
-#define fcloseCheck(fp) fclose_check(fp, __FILE__, __LINE__)
-
-// ----------------------------------------------------------------------------
-// random numbers: xorshift* for sampling and init, Box-Muller for normals (deterministic)
-
-static uint32_t random_u32(uint64_t* state) {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
-}
-static float random_f32(uint64_t* state) { // in [0, 1)
-    return (random_u32(state) >> 8) / 16777216.0f;
-}
-static void normal_fill(float* out, size_t n, float std, uint64_t* state) {
-    for (size_t i = 0; i < n; i++) {
-        float u1 = random_f32(state), u2 = random_f32(state);
-        out[i] = std * sqrtf(-2.0f * logf(1.0f - u1)) * cosf(2.0f * (float)M_PI * u2);
-    }
+float* malloc_and_point_activations(ActivationTensors* acts, const size_t* act_sizes) {
+    size_t num_activations = 0;
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { num_activations += act_sizes[i]; }
+    float* acts_memory = (float*)callocCheck(num_activations, sizeof(float));
+    float** ptrs[] = {
+        &acts->encoded, &acts->ln1, &acts->ln1_mean, &acts->ln1_rstd, &acts->qkv, &acts->atty,
+        &acts->preatt, &acts->att, &acts->attproj, &acts->residual2, &acts->ln2, &acts->ln2_mean,
+        &acts->ln2_rstd, &acts->fch, &acts->fch_gelu, &acts->mlpout, &acts->residual3, &acts->lnf,
+        &acts->lnf_mean, &acts->lnf_rstd, &acts->logits, &acts->probs, &acts->losses,
+        &acts->router_logits, &acts->router_probs, &acts->gates, &acts->moe_y, &acts->expin, &acts->exph,
+        &acts->exph_gelu, &acts->expout};
+    float* iter = acts_memory;
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = iter; iter += act_sizes[i]; }
+    return acts_memory;
 }
 
-// ----------------------------------------------------------------------------
-// expert-parallel communication: W processes, MPI between them when built with -DUSE_MPI.
-// Without MPI (or with W = 1) the same calls are local copies, so one code path serves both.
+// the integer side of routing, per MoE layer. A group is the rows one source sends to one expert:
+// (expert e, source v) with V sources per process (V > 1 simulates V ranks in one process).
+#define NUM_ROUTING_TENSORS 15
+typedef struct {
+    int* expert_idx;     // (Lm, N, K) chosen experts, best first
+    int* counts;         // (Lm, W, E) slots every rank routed to each expert, before capacity
+    int* kept;           // (Lm, W, E) of those, the slots each expert keeps
+    int* wire;           // (Lm, W, E) rows each rank sends each expert: kept, or centroids with LSH
+    int* slot_row;       // (Lm, S) row of each slot in the send buffer, -1 if dropped
+    int* row_slot;       // (Lm, S) slot of each send-buffer row
+    int* send_offsets;   // (Lm, E+1) send rows of expert e: [send_offsets[e], send_offsets[e+1])
+    int* recv_rows;      // (Lm, W) rows received from each rank
+    int* recv_perm;      // (Lm, W*S) received row -> row grouped by local expert
+    int* expert_offsets; // (Lm, E_local+1) rows of local expert e: [offsets[e], offsets[e+1])
+    int* send_rows;      // (Lm, W) rows sent to each rank
+    int* group_rows;     // (Lm, E*V+1) send rows of group g = e*V + v: [group_rows[g], group_rows[g+1])
+    int* group_cents;    // (Lm, E*V+1) LSH: centroid rows of group g
+    int* bucket_of_row;  // (Lm, S) LSH: bucket of each send row within its group
+    int* bucket_size;    // (Lm, S) LSH: rows in each bucket, at the group's centroid offset
+} MoERouting;
+
+int* malloc_and_point_routing(MoERouting* r, const GPT2Config* config, size_t B, size_t T, int W, int E_local, int V, int lsh) {
+    size_t Lm = num_moe_layers(config), E = config->num_experts, K = config->top_k, S = B * T * K;
+    size_t G1 = E * V + 1, LS = lsh ? Lm * S : 0;
+    size_t sizes[NUM_ROUTING_TENSORS] = {Lm * S, Lm * W * E, Lm * W * E, Lm * W * E, Lm * S, Lm * S, Lm * (E + 1), Lm * W,
+                                         Lm * W * S, Lm * (E_local + 1), Lm * W, Lm * G1, Lm * G1, LS, LS};
+    size_t total = 0;
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { total += sizes[i]; }
+    int* memory = (int*)callocCheck(total + 1, sizeof(int));
+    int** ptrs[NUM_ROUTING_TENSORS] = {&r->expert_idx, &r->counts, &r->kept, &r->wire, &r->slot_row, &r->row_slot,
+                                       &r->send_offsets, &r->recv_rows, &r->recv_perm, &r->expert_offsets, &r->send_rows,
+                                       &r->group_rows, &r->group_cents, &r->bucket_of_row, &r->bucket_size};
+    int* iter = memory;
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { *(ptrs[i]) = iter; iter += sizes[i]; }
+    return memory;
+}
+
+// buffers the MoE layers share (one layer runs at a time): the all-to-alls' staging rows, their
+// LSH centroids, and small per-layer scratch, each with one meaning
+typedef struct {
+    float* sendbuf;   // (W*S, C) rows this rank sends, grouped by expert (their gradients in the backward)
+    float* recvbuf;   // (W*S, C) rows it receives
+    float* lsh_cent;  // (S, C) LSH: centroids sent (their gradients in the backward)
+    float* lsh_ycent; // (S, C) LSH: expert outputs per centroid (their input gradients in the backward)
+    float* lsh_R;     // (L*dp, C) LSH projections of the layer and step
+    void* lsh_scratch; // lsh_scratch_bytes(S, C)
+    int* total;       // (E) slots the whole batch routed to each expert
+    int* fill;        // (E) moe_dispatch_layout's scratch
+    int* my_wire;     // (E) LSH: centroid rows this rank sends each expert
+} MoEBuffers;
 
 typedef struct {
-    int rank;  // this process
-    int world; // W
-    int* scratch; // (4*W) counts and displacements for the v-collectives
-#ifdef USE_MPI
-    MPI_Comm mpi;
-#endif
-} Comm;
-
-#ifdef USE_MPI
-static void mpi_check(int status, const char* call, const char* file, int line) {
-    if (status != MPI_SUCCESS) {
-        char msg[MPI_MAX_ERROR_STRING];
-        int len = 0;
-        MPI_Error_string(status, msg, &len);
-        fail_exit("%s failed at %s:%d: %s", call, file, line, msg);
-    }
-}
-#define mpiCheck(call) mpi_check((call), #call, __FILE__, __LINE__)
-#endif
-
-Comm comm_make(int rank, int world) {
-    Comm c;
-    memset(&c, 0, sizeof(c));
-    c.rank = rank;
-    c.world = world;
-    c.scratch = (int*)callocCheck(4 * world, sizeof(int));
-    return c;
-}
-
-// the world of processes this run was launched with (mpirun), or a world of one
-Comm comm_init(int* argc, char*** argv) {
-#ifdef USE_MPI
-    mpiCheck(MPI_Init(argc, argv));
-    int rank, world;
-    mpiCheck(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
-    mpiCheck(MPI_Comm_size(MPI_COMM_WORLD, &world));
-    Comm c = comm_make(rank, world);
-    c.mpi = MPI_COMM_WORLD;
-#else
-    (void)argc; (void)argv;
-    Comm c = comm_make(0, 1);
-#endif
-    process_rank = c.rank;
-    return c;
-}
-
-// a world of one inside an MPI run (tests compare W ranks against it)
-Comm comm_self(void) {
-    Comm c = comm_make(0, 1);
-#ifdef USE_MPI
-    c.mpi = MPI_COMM_SELF;
-#endif
-    return c;
-}
-
-void comm_free(Comm* c) { free(c->scratch); c->scratch = NULL; }
-
-void comm_finalize(Comm* c) {
-    comm_free(c);
-#ifdef USE_MPI
-    MPI_Finalize();
-#endif
-}
-
-// each rank sends send_rows[q] rows of C floats to rank q, in rank order, and receives
-// recv_rows[q] rows from rank q, stored in rank order
-void alltoall_rows(const float* send, const int* send_rows, float* recv, const int* recv_rows, // (sum send_rows, C), (W), ..
-                   int C, const Comm* comm) {
-#ifdef USE_MPI
-    if (comm->world > 1) {
-        int W = comm->world;
-        int* sc = comm->scratch; int* sd = sc + W; int* rc = sc + 2 * W; int* rd = sc + 3 * W;
-        for (int q = 0, so = 0, ro = 0; q < W; q++) {
-            sc[q] = send_rows[q] * C; sd[q] = so; so += sc[q];
-            rc[q] = recv_rows[q] * C; rd[q] = ro; ro += rc[q];
-        }
-        mpiCheck(MPI_Alltoallv(send, sc, sd, MPI_FLOAT, recv, rc, rd, MPI_FLOAT, comm->mpi));
-        return;
-    }
-#endif
-    (void)recv_rows;
-    if (send != recv) { memcpy(recv, send, (size_t)send_rows[0] * C * sizeof(float)); }
-}
-
-// recv (W*n) = every rank's n ints, in rank order
-void allgather_ints(const int* send, int* recv, int n, const Comm* comm) {
-#ifdef USE_MPI
-    if (comm->world > 1) { mpiCheck(MPI_Allgather(send, n, MPI_INT, recv, n, MPI_INT, comm->mpi)); return; }
-#endif
-    (void)comm;
-    memcpy(recv, send, n * sizeof(int));
-}
-
-// in place: buf = sum over ranks of buf
-void allreduce_floats(float* buf, size_t n, const Comm* comm) {
-#ifdef USE_MPI
-    if (comm->world > 1 && n > 0) { mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, comm->mpi)); }
-#endif
-    (void)buf; (void)n; (void)comm;
-}
-
-void allreduce_doubles(double* buf, int n, const Comm* comm) {
-#ifdef USE_MPI
-    if (comm->world > 1) { mpiCheck(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, comm->mpi)); }
-#endif
-    (void)buf; (void)n; (void)comm;
-}
-
-// out (W*n) on rank 0 = every rank's n floats in rank order; out is unused elsewhere
-void gather_floats(const float* send, float* out, size_t n, const Comm* comm) {
-#ifdef USE_MPI
-    if (comm->world > 1) { mpiCheck(MPI_Gather(send, (int)n, MPI_FLOAT, out, (int)n, MPI_FLOAT, 0, comm->mpi)); return; }
-#endif
-    (void)comm;
-    memcpy(out, send, n * sizeof(float));
-}
-
-void comm_barrier(const Comm* comm) {
-#ifdef USE_MPI
-    if (comm->world > 1) { mpiCheck(MPI_Barrier(comm->mpi)); }
-#endif
-    (void)comm;
-}
-
-// A collective check: every rank says whether it failed (with a message). If any did, rank 0
-// prints the lowest failing rank's message as one line and every rank exits non-zero, so a
-// problem seen by one rank neither hangs the others nor prints W times.
-void comm_check_all(int failed, const char* msg, const Comm* comm) {
-#ifdef USE_MPI
-    if (comm->world > 1) {
-        int first = failed ? comm->rank : comm->world;
-        mpiCheck(MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, comm->mpi));
-        if (first == comm->world) { return; }
-        char buf[1024] = {0};
-        if (comm->rank == first) { snprintf(buf, sizeof(buf), "%s", msg); }
-        mpiCheck(MPI_Bcast(buf, sizeof(buf), MPI_CHAR, first, comm->mpi));
-        if (comm->rank == 0) {
-            if (first > 0) { fprintf(stderr, "error: rank %d: %s\n", first, buf); }
-            else { fprintf(stderr, "error: %s\n", buf); }
-        }
-        MPI_Finalize();
-        exit(EXIT_FAILURE);
-    }
-#endif
-    (void)comm;
-    if (failed) { fail_exit("%s", msg); }
-}
+    GPT2Config config;
+    Comm comm;   // the expert-parallel group: W processes (W = 1 without MPI)
+    int E_local; // experts held here: E / W
+    int e0;      // the first of them: rank * E_local
+    // weights, their gradients, AdamW moments: one allocation of num_parameters floats each
+    ParameterTensors params;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];
+    float* params_memory;
+    size_t num_parameters;
+    ParameterTensors grads;
+    float* grads_memory;
+    float* m_memory;
+    float* v_memory;
+    // activations, their gradients, routing and MoE buffers, allocated at the first forward
+    ActivationTensors acts;
+    size_t act_sizes[NUM_ACTIVATION_TENSORS];
+    float* acts_memory;
+    ActivationTensors grads_acts;
+    float* grads_acts_memory;
+    MoERouting routing;
+    int* routing_memory;
+    MoEBuffers buffers;
+    int batch_size; // B of the allocation (this rank's tokens)
+    int seq_len;    // T of the allocation
+    int* inputs;    // (B, T) of the last forward
+    int* targets;   // (B, T) of the last forward
+    // MoE hyperparameters of the run (not part of the checkpoint)
+    float capacity_factor; // <= 0: dropless
+    float aux_loss_weight; // load-balancing loss weight
+    float z_loss_weight;   // router z-loss weight
+    // results of the last forward on this rank's tokens; -1 when it had no targets
+    float mean_loss;  // cross-entropy
+    float lb_loss;    // load-balancing loss summed over MoE layers, unweighted
+    float z_loss;     // z-loss summed over MoE layers, unweighted
+    float total_loss; // what the backward differentiates: ce + aux_w * lb + z_w * z
+    MoEStats stats;   // dropped slots, all-to-all rows, LSH: of the last forward and backward
+    float lb_scale, z_scale; // d(loss)/d(lb), d(loss)/d(z) of the backward in progress
+    int sources;      // V: the simulated source ranks of each process (groups are (expert, source))
+    // LSH compression of the all-to-alls (lshmoe.h); lsh.L == 0: off
+    LSHConfig lsh;
+    uint64_t lsh_seed; // projections are drawn per (MoE layer, step) from it
+    int step;          // the optimizer step, set by the caller
+} GPT2;
 
 // ----------------------------------------------------------------------------
 // dense layers (as llm.c's train_gpt2.c)
@@ -569,7 +504,7 @@ void crossentropy_softmax_backward(float* dlogits, // (N,Vp)
 }
 
 // ----------------------------------------------------------------------------
-// the MoE layer
+// the MoE layer's kernels
 //
 // With W processes (expert parallelism), rank r owns experts [r*E/W, (r+1)*E/W). Each rank routes
 // its own N tokens; the S = N*K slots travel to the experts' owners and back:
@@ -577,7 +512,8 @@ void crossentropy_softmax_backward(float* dlogits, // (N,Vp)
 //   dispatch: all-to-all of rows (rows to rank q are q's experts' rows, in expert order)
 //   receiver: reorder by expert -> experts -> reorder by source
 //   combine:  all-to-all back -> gate-weighted sum per token
-// With W = 1 the all-to-alls are copies and the reorderings are the identity.
+// With W = 1 the all-to-alls are copies and the reorderings are the identity. Where each slot
+// goes (capacity, dispatch layout, groups, receive layout) is moe_layout.h's plain C.
 
 // router: logits = x @ Wr^T (fp32), softmax, top-k by probability (ties to the lower expert
 // index), gates = the chosen probabilities (renormalised to sum 1 when renorm and K > 1).
@@ -679,84 +615,6 @@ void moe_router_backward(float* dx, float* drouterw, // (N,C), (E,C)
     matmul_backward(dx, drouterw, NULL, dlogits, x, routerw, N, C, E);
 }
 
-// total (E) = the slots all W ranks routed to each expert; returns total
-int* moe_total_counts(int* total, const int* counts, int W, int E) { // (E), (W,E)
-    for (int e = 0; e < E; e++) {
-        total[e] = 0;
-        for (int q = 0; q < W; q++) { total[e] += counts[q * E + e]; }
-    }
-    return total;
-}
-
-// capacity per expert: ceil(capacity_factor * N * K / E) slots, N the tokens of the whole batch
-// (all ranks); <= 0 means dropless
-int moe_capacity(float capacity_factor, long long N, int K, int E) {
-    if (capacity_factor <= 0.0f) { return INT_MAX; }
-    return (int)ceil((double)capacity_factor * N * K / E);
-}
-
-// The dispatch layout, plain C shared by the CPU and GPU paths. counts (W,E): slots each rank
-// routed to each expert (every rank knows all of them after an all-gather). An expert keeps its
-// first cap slots in the order (source rank, slot), the order a single process with the whole
-// batch would see. kept (W,E) receives the kept counts; returns the number of dropped slots.
-long long moe_capacity_plan(int* kept, const int* counts, int W, int E, int cap) { // (W,E), (W,E)
-    long long dropped = 0;
-    for (int e = 0; e < E; e++) {
-        long long room = cap;
-        for (int q = 0; q < W; q++) {
-            int c = counts[q * E + e];
-            int k = room <= 0 ? 0 : (c < room ? c : (int)room);
-            kept[q * E + e] = k;
-            room -= k;
-            dropped += c - k;
-        }
-    }
-    return dropped;
-}
-
-// Sender side: slots s = i*K + j (token i, j-th choice) sorted stably by expert, keeping the first
-// kept[e] of each expert. Row r of the send buffer holds slot row_slot[r]; expert e's rows are
-// [send_offsets[e], send_offsets[e+1]); slot_row[s] = -1 for a dropped slot.
-void moe_dispatch_layout(int* slot_row, int* row_slot, int* send_offsets, int* fill, // (S), (S), (E+1), (E) scratch
-                         const int* expert_idx, const int* kept, int S, int E) { // (S), (E)
-    send_offsets[0] = 0;
-    for (int e = 0; e < E; e++) { send_offsets[e + 1] = send_offsets[e] + kept[e]; fill[e] = 0; }
-    for (int s = 0; s < S; s++) {
-        int e = expert_idx[s];
-        if (fill[e] < kept[e]) {
-            int r = send_offsets[e] + fill[e]++;
-            slot_row[s] = r;
-            row_slot[r] = s;
-        } else {
-            slot_row[s] = -1;
-        }
-    }
-}
-
-// Receiver side: rows arrive by source rank, each source's rows by expert. recv_perm[i] is the
-// position of received row i once regrouped by local expert (then source, then slot);
-// expert_offsets over the regrouped rows; recv_rows[q] = rows from rank q. Returns the row count.
-int moe_receive_layout(int* recv_perm, int* expert_offsets, int* recv_rows, // (R), (E_local+1), (W)
-                       const int* kept, int W, int E, int e0, int E_local) { // (W,E)
-    expert_offsets[0] = 0;
-    for (int el = 0; el < E_local; el++) {
-        int n = 0;
-        for (int q = 0; q < W; q++) { n += kept[q * E + e0 + el]; }
-        expert_offsets[el + 1] = expert_offsets[el] + n;
-    }
-    int i = 0;
-    for (int q = 0; q < W; q++) {
-        recv_rows[q] = 0;
-        for (int el = 0; el < E_local; el++) {
-            int before = 0; // rows of this expert from lower ranks
-            for (int qq = 0; qq < q; qq++) { before += kept[qq * E + e0 + el]; }
-            for (int k = 0; k < kept[q * E + e0 + el]; k++) { recv_perm[i++] = expert_offsets[el] + before + k; }
-            recv_rows[q] += kept[q * E + e0 + el];
-        }
-    }
-    return i;
-}
-
 // gathers the kept slots' token rows into the send buffer
 void moe_dispatch_forward(float* sendbuf, // (R,C) rows grouped by expert
                           const float* x, const int* row_slot, // (N,C), (R)
@@ -852,360 +710,80 @@ void moe_combine_backward(float* dy, float* dgates, // (R,C), (N,K)
     }
 }
 
+
 // ----------------------------------------------------------------------------
-// the model: config, parameters, activations
+// LSH compression of one MoE layer's all-to-alls: lshmoe.h's four group-level calls, applied to
+// every group (e, v) of the send buffer, rows [group_rows[g], group_rows[g+1]) with g = e*V + v
 
-typedef struct {
-    int max_seq_len;       // maxT
-    int vocab_size;        // V
-    int padded_vocab_size; // Vp, V rounded up to a multiple of 128
-    int num_layers;        // L
-    int num_heads;         // NH
-    int channels;          // C
-    int num_experts;       // E; E <= 1 is a dense GPT-2
-    int top_k;             // K
-    int moe_every;         // layer l is MoE when l % moe_every == moe_every - 1
-    int expert_hidden;     // H
-    int renorm_gates;      // renormalise the top-k gates to sum 1 (K > 1)
-} GPT2Config;
-
-int is_moe_layer(const GPT2Config* c, int l) { return c->num_experts > 1 && l % c->moe_every == c->moe_every - 1; }
-int num_moe_layers(const GPT2Config* c) { return c->num_experts > 1 ? c->num_layers / c->moe_every : 0; }
-int num_dense_layers(const GPT2Config* c) { return c->num_layers - num_moe_layers(c); }
-// index of layer l among the MoE layers (if MoE) or among the dense layers (if dense)
-int moe_layer_index(const GPT2Config* c, int l) { return l / c->moe_every; }
-int dense_layer_index(const GPT2Config* c, int l) { return c->num_experts > 1 ? l - l / c->moe_every : l; }
-
-#define NUM_PARAMETER_TENSORS 21
-typedef struct {
-    float* wte;      // (Vp, C)
-    float* wpe;      // (maxT, C)
-    float* ln1w;     // (L, C)
-    float* ln1b;     // (L, C)
-    float* qkvw;     // (L, 3*C, C)
-    float* qkvb;     // (L, 3*C)
-    float* attprojw; // (L, C, C)
-    float* attprojb; // (L, C)
-    float* ln2w;     // (L, C)
-    float* ln2b;     // (L, C)
-    float* fcw;      // (Ld, 4*C, C)
-    float* fcb;      // (Ld, 4*C)
-    float* fcprojw;  // (Ld, C, 4*C)
-    float* fcprojb;  // (Ld, C)
-    float* routerw;  // (Lm, E, C)
-    float* expfcw;   // (Lm, E, H, C)
-    float* expfcb;   // (Lm, E, H)
-    float* expprojw; // (Lm, E, C, H)
-    float* expprojb; // (Lm, E, C)
-    float* lnfw;     // (C)
-    float* lnfb;     // (C)
-} ParameterTensors;
-
-// AdamW decays the matrices and embeddings only (not biases, not layernorms), as nanoGPT
-static const int param_decays[NUM_PARAMETER_TENSORS] = {
-    1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0};
-
-// E_local: the experts this process holds (E / W; all E in a single process)
-void fill_in_parameter_sizes(size_t* param_sizes, const GPT2Config* config, int E_local) {
-    size_t Vp = config->padded_vocab_size, C = config->channels, maxT = config->max_seq_len;
-    size_t L = config->num_layers, Ld = num_dense_layers(config), Lm = num_moe_layers(config);
-    size_t E = config->num_experts, El = E_local, H = config->expert_hidden;
-    param_sizes[0] = Vp * C;
-    param_sizes[1] = maxT * C;
-    param_sizes[2] = L * C;
-    param_sizes[3] = L * C;
-    param_sizes[4] = L * (3 * C) * C;
-    param_sizes[5] = L * (3 * C);
-    param_sizes[6] = L * C * C;
-    param_sizes[7] = L * C;
-    param_sizes[8] = L * C;
-    param_sizes[9] = L * C;
-    param_sizes[10] = Ld * (4 * C) * C;
-    param_sizes[11] = Ld * (4 * C);
-    param_sizes[12] = Ld * C * (4 * C);
-    param_sizes[13] = Ld * C;
-    param_sizes[14] = Lm * E * C; // the router is replicated: every rank routes its own tokens
-    param_sizes[15] = Lm * El * H * C;
-    param_sizes[16] = Lm * El * H;
-    param_sizes[17] = Lm * El * C * H;
-    param_sizes[18] = Lm * El * C;
-    param_sizes[19] = C;
-    param_sizes[20] = C;
-}
-
-// the expert tensors (15..18) live on their owner; the others are replicated on every rank
-int is_expert_tensor(int k) { return k >= 15 && k <= 18; }
-
-// one allocation carved into the tensors
-float* malloc_and_point_parameters(ParameterTensors* params, const size_t* param_sizes) {
-    size_t num_parameters = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { num_parameters += param_sizes[i]; }
-    float* params_memory = (float*)callocCheck(num_parameters, sizeof(float));
-    float** ptrs[] = {
-        &params->wte, &params->wpe, &params->ln1w, &params->ln1b, &params->qkvw, &params->qkvb,
-        &params->attprojw, &params->attprojb, &params->ln2w, &params->ln2b, &params->fcw, &params->fcb,
-        &params->fcprojw, &params->fcprojb, &params->routerw, &params->expfcw, &params->expfcb,
-        &params->expprojw, &params->expprojb, &params->lnfw, &params->lnfb};
-    float* iter = params_memory;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { *(ptrs[i]) = iter; iter += param_sizes[i]; }
-    return params_memory;
-}
-
-#define NUM_ACTIVATION_TENSORS 35
-typedef struct {
-    float* encoded;       // (B, T, C)
-    float* ln1;           // (L, B, T, C)
-    float* ln1_mean;      // (L, B, T)
-    float* ln1_rstd;      // (L, B, T)
-    float* qkv;           // (L, B, T, 3*C)
-    float* atty;          // (L, B, T, C)
-    float* preatt;        // (L, B, NH, T, T)
-    float* att;           // (L, B, NH, T, T)
-    float* attproj;       // (L, B, T, C)
-    float* residual2;     // (L, B, T, C)
-    float* ln2;           // (L, B, T, C)
-    float* ln2_mean;      // (L, B, T)
-    float* ln2_rstd;      // (L, B, T)
-    float* fch;           // (Ld, B, T, 4*C)
-    float* fch_gelu;      // (Ld, B, T, 4*C)
-    float* mlpout;        // (L, B, T, C) output of the dense MLP or of the MoE layer
-    float* residual3;     // (L, B, T, C)
-    float* lnf;           // (B, T, C)
-    float* lnf_mean;      // (B, T)
-    float* lnf_rstd;      // (B, T)
-    float* logits;        // (B, T, Vp)
-    float* probs;         // (B, T, Vp)
-    float* losses;        // (B, T)
-    float* router_logits; // (Lm, N, E)
-    float* router_probs;  // (Lm, N, E)
-    float* gates;         // (Lm, N, K)
-    float* moe_y;         // (Lm, S, C) expert outputs back at the sender, in send order (S = N*K)
-    float* expin;         // (Lm, W*S, C) rows received by this rank's experts, grouped by expert
-    float* exph;          // (Lm, W*S, H)
-    float* exph_gelu;     // (Lm, W*S, H)
-    float* expout;        // (Lm, W*S, C)
-    float* sendbuf;       // (W*S, C) all-to-all staging, reused by every layer
-    float* recvbuf;       // (W*S, C)
-    float* lsh_cent;      // (S, C) LSH: centroids sent (their gradients in the backward)
-    float* lsh_ycent;     // (S, C) LSH: expert outputs per centroid (their input gradients)
-} ActivationTensors;
-
-// W*S rows bound what one rank's experts can receive (dropless, every token to one rank)
-void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T, int W, int lsh) {
-    size_t C = config->channels, NH = config->num_heads, L = config->num_layers, Vp = config->padded_vocab_size;
-    size_t Ld = num_dense_layers(config), Lm = num_moe_layers(config);
-    size_t E = config->num_experts, K = config->top_k, H = config->expert_hidden;
-    size_t N = B * T, S = N * K, WS = (size_t)W * S;
-    if (Lm == 0) { WS = 0; }
-    size_t sizes[NUM_ACTIVATION_TENSORS] = {
-        N * C, L * N * C, L * N, L * N, L * N * 3 * C, L * N * C, L * B * NH * T * T, L * B * NH * T * T,
-        L * N * C, L * N * C, L * N * C, L * N, L * N, Ld * N * 4 * C, Ld * N * 4 * C, L * N * C,
-        L * N * C, N * C, N, N, N * Vp, N * Vp, N,
-        Lm * N * E, Lm * N * E, Lm * N * K, Lm * S * C, Lm * WS * C, Lm * WS * H, Lm * WS * H, Lm * WS * C,
-        WS * C, WS * C, lsh ? S * C : 0, lsh ? S * C : 0};
-    memcpy(act_sizes, sizes, sizeof(sizes));
-}
-
-float* malloc_and_point_activations(ActivationTensors* acts, const size_t* act_sizes) {
-    size_t num_activations = 0;
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { num_activations += act_sizes[i]; }
-    float* acts_memory = (float*)callocCheck(num_activations, sizeof(float));
-    float** ptrs[] = {
-        &acts->encoded, &acts->ln1, &acts->ln1_mean, &acts->ln1_rstd, &acts->qkv, &acts->atty,
-        &acts->preatt, &acts->att, &acts->attproj, &acts->residual2, &acts->ln2, &acts->ln2_mean,
-        &acts->ln2_rstd, &acts->fch, &acts->fch_gelu, &acts->mlpout, &acts->residual3, &acts->lnf,
-        &acts->lnf_mean, &acts->lnf_rstd, &acts->logits, &acts->probs, &acts->losses,
-        &acts->router_logits, &acts->router_probs, &acts->gates, &acts->moe_y, &acts->expin, &acts->exph,
-        &acts->exph_gelu, &acts->expout, &acts->sendbuf, &acts->recvbuf, &acts->lsh_cent, &acts->lsh_ycent};
-    float* iter = acts_memory;
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = iter; iter += act_sizes[i]; }
-    return acts_memory;
-}
-
-// the integer side of routing, per MoE layer. A group is the rows one source sends to one expert:
-// (expert e, source v) with V sources per process (V > 1 simulates V ranks in one process).
-#define NUM_ROUTING_TENSORS 16
-typedef struct {
-    int* expert_idx;     // (Lm, N, K) chosen experts, best first
-    int* counts;         // (Lm, W, E) slots every rank routed to each expert, before capacity
-    int* kept;           // (Lm, W, E) of those, the slots each expert keeps
-    int* wire;           // (Lm, W, E) rows each rank sends each expert: kept, or centroids with LSH
-    int* slot_row;       // (Lm, S) row of each slot in the send buffer, -1 if dropped
-    int* row_slot;       // (Lm, S) slot of each send-buffer row
-    int* send_offsets;   // (Lm, E+1) send rows of expert e: [send_offsets[e], send_offsets[e+1])
-    int* recv_rows;      // (Lm, W) rows received from each rank
-    int* recv_perm;      // (Lm, W*S) received row -> row grouped by local expert
-    int* expert_offsets; // (Lm, E_local+1) rows of local expert e: [offsets[e], offsets[e+1])
-    int* send_rows;      // (Lm, W) rows sent to each rank
-    int* group_rows;     // (Lm, E*V+1) send rows of group g = e*V + v: [group_rows[g], group_rows[g+1])
-    int* group_cents;    // (Lm, E*V+1) LSH: centroid rows of group g
-    int* bucket_of_row;  // (Lm, S) LSH: bucket of each send row within its group
-    int* bucket_size;    // (Lm, S) LSH: rows in each bucket, at the group's centroid offset
-    int* scratch;        // (E) shared by the layers
-} MoERouting;
-
-int* malloc_and_point_routing(MoERouting* r, const GPT2Config* config, size_t B, size_t T, int W, int E_local, int V, int lsh) {
-    size_t Lm = num_moe_layers(config), E = config->num_experts, K = config->top_k, S = B * T * K;
-    size_t G1 = E * V + 1, LS = lsh ? Lm * S : 0;
-    size_t sizes[NUM_ROUTING_TENSORS] = {Lm * S, Lm * W * E, Lm * W * E, Lm * W * E, Lm * S, Lm * S, Lm * (E + 1), Lm * W,
-                                         Lm * W * S, Lm * (E_local + 1), Lm * W, Lm * G1, Lm * G1, LS, LS, E};
-    size_t total = 0;
-    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { total += sizes[i]; }
-    int* memory = (int*)callocCheck(total + 1, sizeof(int));
-    int** ptrs[NUM_ROUTING_TENSORS] = {&r->expert_idx, &r->counts, &r->kept, &r->wire, &r->slot_row, &r->row_slot,
-                                       &r->send_offsets, &r->recv_rows, &r->recv_perm, &r->expert_offsets, &r->send_rows,
-                                       &r->group_rows, &r->group_cents, &r->bucket_of_row, &r->bucket_size, &r->scratch};
-    int* iter = memory;
-    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { *(ptrs[i]) = iter; iter += sizes[i]; }
-    return memory;
-}
-
-typedef struct {
-    GPT2Config config;
-    Comm comm;   // the expert-parallel group: W processes (W = 1 without MPI)
-    int E_local; // experts held here: E / W
-    int e0;      // the first of them: rank * E_local
-    // weights, their gradients, AdamW moments
-    ParameterTensors params;
-    size_t param_sizes[NUM_PARAMETER_TENSORS];
-    float* params_memory;
-    size_t num_parameters;
-    ParameterTensors grads;
-    float* grads_memory;
-    float* m_memory;
-    float* v_memory;
-    // activations and their gradients, allocated at the first forward for (B, T)
-    ActivationTensors acts;
-    size_t act_sizes[NUM_ACTIVATION_TENSORS];
-    float* acts_memory;
-    ActivationTensors grads_acts;
-    float* grads_acts_memory;
-    MoERouting routing;
-    int* routing_memory;
-    int batch_size; // B of the allocation (this rank's tokens)
-    int seq_len;    // T of the allocation
-    int* inputs;    // (B, T) of the last forward
-    int* targets;   // (B, T) of the last forward
-    // MoE hyperparameters of the run (not part of the checkpoint)
-    float capacity_factor; // <= 0: dropless
-    float aux_loss_weight; // load-balancing loss weight
-    float z_loss_weight;   // router z-loss weight
-    // results of the last forward on this rank's tokens; -1 when it had no targets
-    float mean_loss;  // cross-entropy
-    float lb_loss;    // load-balancing loss summed over MoE layers, unweighted
-    float z_loss;     // z-loss summed over MoE layers, unweighted
-    float total_loss; // what the backward differentiates: ce + aux_w * lb + z_w * z
-    long long dropped_slots; // of the whole batch (all ranks), summed over MoE layers
-    // all-to-all rows this rank sent to / received from other ranks in the last forward and
-    // backward, summed over MoE layers: [0] dispatch, [1] combine, [2] combine's backward,
-    // [3] dispatch's backward (bytes = rows * C * 4)
-    long long a2a_sent[4], a2a_recv[4];
-    float lb_scale, z_scale; // d(loss)/d(lb), d(loss)/d(z) of the backward in progress
-    // the sources of the groups: V per process. Source rank*V + v sends group (e, v) to the owner
-    // of e among W*V ranks; rows with another owner cross the wire. wire_rows counts them per
-    // all-to-all in the last forward (all four all-to-alls carry as many): [0] uncompressed,
-    // [1] as sent (centroids with LSH)
-    int sources;
-    long long wire_rows[2];
-    // LSH compression of the all-to-alls (lshmoe.h); lsh.L == 0: off
-    LSHConfig lsh;
-    uint64_t lsh_seed; // projections are drawn per (MoE layer, step) from it
-    int step;          // the optimizer step, set by the caller
-    float* lsh_R;      // (L*dp, C)
-    void* lsh_scratch; // lsh_scratch_bytes(S, C)
-    LSHStats lsh_stats; // summed since the caller last reset it
-} GPT2;
-
-// builds an empty model of this config: parameters allocated (zero), nothing else
-void gpt2_allocate(GPT2* model, const GPT2Config* config, Comm comm) {
-    memset(model, 0, sizeof(GPT2));
-    model->config = *config;
-    model->comm = comm;
-    model->E_local = config->num_experts > 1 ? config->num_experts / comm.world : 0;
-    model->e0 = comm.rank * model->E_local;
-    fill_in_parameter_sizes(model->param_sizes, config, model->E_local);
-    model->num_parameters = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
-    model->params_memory = malloc_and_point_parameters(&model->params, model->param_sizes);
-    model->capacity_factor = 0.0f;
-    model->aux_loss_weight = 0.01f;
-    model->z_loss_weight = 0.001f;
-    model->mean_loss = -1.0f;
-    model->sources = 1;
-}
-
-// switches LSH compression on for an MoE model (before its first forward); 0 or an error in err
-int gpt2_set_lsh(GPT2* model, LSHConfig lsh, int sources, uint64_t seed, char* err, size_t errlen) {
-    const GPT2Config* c = &model->config;
-    if (lsh.L > 0) {
-        if (c->num_experts <= 1) { snprintf(err, errlen, "LSH compresses the MoE all-to-all: it needs E > 1 experts (-E)"); return -1; }
-        if (lsh_config_check(lsh.L, lsh.dp, err, errlen) != 0) { return -1; }
-        if (lsh.center > 1 || lsh.center < 0 || lsh.compensate > 1 || lsh.compensate < 0) { snprintf(err, errlen, "LSH centring and compensation are 0 or 1"); return -1; }
-    }
-    if (sources < 1 || (c->num_experts > 1 && c->num_experts % (sources * model->comm.world) != 0)) {
-        snprintf(err, errlen, "%d simulated ranks x %d processes must divide E=%d", sources, model->comm.world, c->num_experts);
-        return -1;
-    }
-    if (model->acts_memory != NULL) { snprintf(err, errlen, "gpt2_set_lsh: call it before the first forward"); return -1; }
-    model->lsh = lsh;
-    model->sources = sources;
-    model->lsh_seed = seed;
-    lsh_stats_reset(&model->lsh_stats);
-    return 0;
-}
-
-// a stream of random numbers for one expert's tensor, the same whichever rank holds the expert
-static uint64_t expert_seed(uint64_t seed, int tensor, int moe_layer, int expert) {
-    return (seed * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)(tensor + 1) << 48) ^ ((uint64_t)(moe_layer + 1) << 32) ^ (uint64_t)(expert + 1) * 0xBF58476D1CE4E5B9ull;
-}
-
-// GPT-2 init (as llm.c): N(0, 0.02) weights, residual projections scaled by 1/sqrt(2L), zero
-// biases, unit layernorms; the router N(0, 0.02) too. Each expert draws from its own stream,
-// so the model is the same for any number of ranks.
-void gpt2_init_random(GPT2* model, uint64_t seed) {
-    uint64_t rng = seed * 0x9E3779B97F4A7C15ull + 1;
-    const GPT2Config* c = &model->config;
-    float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
-    ParameterTensors* p = &model->params;
-    float* weights[] = {p->wte, p->wpe, p->qkvw, p->attprojw, p->fcw, p->fcprojw, p->routerw};
-    int tensor_ids[] = {0, 1, 4, 6, 10, 12, 14};
-    for (int i = 0; i < 7; i++) {
-        int id = tensor_ids[i];
-        float std = (id == 6 || id == 12) ? residual_std : 0.02f;
-        normal_fill(weights[i], model->param_sizes[id], std, &rng);
-    }
-    size_t C = c->channels, H = c->expert_hidden;
-    for (int m = 0; m < num_moe_layers(c); m++) {
-        for (int el = 0; el < model->E_local; el++) {
-            size_t me = (size_t)m * model->E_local + el;
-            uint64_t r1 = expert_seed(seed, 15, m, model->e0 + el), r2 = expert_seed(seed, 17, m, model->e0 + el);
-            normal_fill(p->expfcw + me * H * C, H * C, 0.02f, &r1);
-            normal_fill(p->expprojw + me * C * H, C * H, residual_std, &r2);
-        }
-    }
-    for (size_t i = 0; i < model->param_sizes[2]; i++) { p->ln1w[i] = 1.0f; p->ln2w[i] = 1.0f; }
-    for (int i = 0; i < c->channels; i++) { p->lnfw[i] = 1.0f; }
-}
-
-// groups: the send rows of expert e (in slot order, so in token order) split by source
-// v = token * V / N (= token / (N/V): each source owns whole sequences), into g = e*V + v; counts
-// the rows that cross between ranks (the owner of e among the W*V sources is e / (E/(W*V)), the
-// source is rank*V + v)
-void moe_groups_layout(int* group_rows, long long* wire, // (E*V+1), [0] += crossing rows
-                       const int* send_offsets, const int* row_slot, int N, int K, int E, int V, int rank, int W) {
+// LSH-MoE sec. 3: each group is hashed and replaced by its bucket centroids (buffers.lsh_cent,
+// centroid rows [group_cents[g], group_cents[g+1])); buffers.my_wire (E) receives the centroid rows
+// sent to each expert. Returns the centroid rows that cross ranks.
+long long lsh_groups_compress(GPT2* model, const MoERouting* rt, int m) {
+    const GPT2Config* cfg = &model->config;
+    int C = cfg->channels, E = cfg->num_experts, V = model->sources, W = model->comm.world, rank = model->comm.rank;
+    MoEBuffers* buf = &model->buffers;
+    lsh_projections_init(buf->lsh_R, model->lsh.L, model->lsh.dp, C, lsh_seed(model->lsh_seed, m, model->step));
     int per_owner = E / (W * V);
+    long long crossing = 0;
+    rt->group_cents[0] = 0;
     for (int e = 0; e < E; e++) {
-        int r = send_offsets[e];
+        buf->my_wire[e] = 0;
         for (int v = 0; v < V; v++) {
-            group_rows[e * V + v] = r;
-            while (r < send_offsets[e + 1] && (int)((long long)(row_slot[r] / K) * V / N) == v) { r++; }
-            if (e / per_owner != rank * V + v) { *wire += r - group_rows[e * V + v]; }
+            int g = e * V + v, r0 = rt->group_rows[g], n = rt->group_rows[g + 1] - r0, c0 = rt->group_cents[g];
+            int mg = lsh_group_compress(buf->lsh_cent + (size_t)c0 * C, rt->bucket_of_row + r0, rt->bucket_size + c0,
+                                        buf->sendbuf + (size_t)r0 * C, n, C, buf->lsh_R, &model->lsh,
+                                        buf->lsh_scratch, &model->stats.lsh);
+            rt->group_cents[g + 1] = c0 + mg;
+            buf->my_wire[e] += mg;
+            if (e / per_owner != rank * V + v) { crossing += mg; }
         }
     }
-    group_rows[E * V] = send_offsets[E];
+    return crossing;
 }
 
-// the routing tensors of MoE layer m, for a forward of N tokens (the shared scratch as it is)
+// LSH-MoE Eq. 5: y (S,C) in send order, each row its centroid's output (buffers.lsh_ycent) plus the
+// residual x_i - c_b the sender kept (without compensation, the centroid's output alone)
+void lsh_groups_decompress(GPT2* model, float* y, const MoERouting* rt) {
+    int C = model->config.channels, G = model->config.num_experts * model->sources;
+    MoEBuffers* buf = &model->buffers;
+    for (int g = 0; g < G; g++) {
+        int r0 = rt->group_rows[g], c0 = rt->group_cents[g];
+        lsh_group_decompress(y + (size_t)r0 * C, buf->lsh_ycent + (size_t)c0 * C, buf->sendbuf + (size_t)r0 * C,
+                             buf->lsh_cent + (size_t)c0 * C, rt->bucket_of_row + r0, rt->group_rows[g + 1] - r0, C,
+                             &model->lsh, &model->stats.lsh);
+    }
+}
+
+// backward of the decompression: one gradient row per centroid, G_b = sum of its rows' gradients
+// dy (S,C), into buffers.lsh_cent; this is what the combine's backward sends
+void lsh_groups_decompress_backward(GPT2* model, const float* dy, const MoERouting* rt) {
+    int C = model->config.channels, G = model->config.num_experts * model->sources;
+    for (int g = 0; g < G; g++) {
+        int r0 = rt->group_rows[g], c0 = rt->group_cents[g];
+        lsh_group_decompress_backward(model->buffers.lsh_cent + (size_t)c0 * C, dy + (size_t)r0 * C, rt->bucket_of_row + r0,
+                                      rt->group_rows[g + 1] - r0, rt->group_cents[g + 1] - c0, C, &model->stats.lsh);
+    }
+}
+
+// backward of the compression, with the buckets held fixed: the gradient of each send row into
+// buffers.sendbuf, dx_i = g_i + (J^T G_b - G_b) / n_b (compensated) or J^T G_b / n_b, from dy (S,C)
+// and the centroids' input gradients J^T G_b (buffers.lsh_ycent)
+void lsh_groups_compress_backward(GPT2* model, const float* dy, const MoERouting* rt) {
+    int C = model->config.channels, G = model->config.num_experts * model->sources;
+    MoEBuffers* buf = &model->buffers;
+    memset(buf->sendbuf, 0, (size_t)rt->group_rows[G] * C * sizeof(float));
+    for (int g = 0; g < G; g++) {
+        int r0 = rt->group_rows[g], c0 = rt->group_cents[g];
+        lsh_group_compress_backward(buf->sendbuf + (size_t)r0 * C, dy + (size_t)r0 * C, buf->lsh_ycent + (size_t)c0 * C,
+                                    buf->lsh_cent + (size_t)c0 * C, rt->bucket_of_row + r0, rt->bucket_size + c0,
+                                    rt->group_rows[g + 1] - r0, C, &model->lsh, &model->stats.lsh);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the MoE layer: the kernels above in the nine steps of the list at the top of the file
+
+// the routing tensors of MoE layer m, for a forward of N tokens
 MoERouting moe_layer_routing(const GPT2* model, int m, int N) {
     const GPT2Config* c = &model->config;
     size_t E = c->num_experts, W = model->comm.world, S = (size_t)N * c->top_k, G1 = E * model->sources + 1;
@@ -1247,146 +825,182 @@ ActivationTensors moe_layer_acts(ActivationTensors a, const GPT2* model, int m, 
     return a;
 }
 
-// the forward of one MoE layer on this rank's N tokens x (after ln2); out (N,C) is written.
+// the forward of MoE layer m on this rank's N tokens x (N,C) after ln2; out (N,C) is written.
 // Returns this rank's share of the layer's load-balancing and z-losses through lb and z.
 void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, float* lb, float* z) {
     const GPT2Config* cfg = &model->config;
     int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
-    int W = model->comm.world, El = model->E_local, S = N * K, V = model->sources, G = E * V;
-    int rank = model->comm.rank, lsh = model->lsh.L > 0;
+    int W = model->comm.world, El = model->E_local, S = N * K, V = model->sources, rank = model->comm.rank;
     const ParameterTensors* p = &model->params;
     ActivationTensors a = moe_layer_acts(model->acts, model, m, N);
     MoERouting rt = moe_layer_routing(model, m, N);
+    MoEBuffers* buf = &model->buffers;
+    MoEStats* st = &model->stats;
 
-    // route this rank's tokens, then share the counts: capacity and f_e need the whole batch
+    // 1-2. route this rank's tokens, then share the counts: capacity and f_e need the whole batch
     int* my_counts = rt.counts + (size_t)rank * E;
     moe_router_forward(a.router_logits, a.router_probs, rt.expert_idx, a.gates, my_counts, z, x,
                        p->routerw + (size_t)m * E * C, N, C, E, K, cfg->renorm_gates);
     memcpy(rt.kept, my_counts, E * sizeof(int)); // allgather's send buffer may not alias its output
     allgather_ints(rt.kept, rt.counts, E, &model->comm);
-    int* total = moe_total_counts(rt.scratch, rt.counts, W, E);
-    *lb = moe_load_balance_forward(a.router_probs, total, (long long)S * W, N, E);
+    *lb = moe_load_balance_forward(a.router_probs, moe_total_counts(buf->total, rt.counts, W, E), (long long)S * W, N, E);
+    // 3-4. capacity over the whole batch, then this rank's kept slots sorted by expert
     int cap = moe_capacity(model->capacity_factor, (long long)N * W, K, E);
-    model->dropped_slots += moe_capacity_plan(rt.kept, rt.counts, W, E, cap);
-
-    // gather the kept rows by expert, then by source within an expert
-    moe_dispatch_layout(rt.slot_row, rt.row_slot, rt.send_offsets, rt.scratch, rt.expert_idx, rt.kept + (size_t)rank * E, S, E);
-    moe_dispatch_forward(a.sendbuf, x, rt.row_slot, rt.send_offsets[E], C, K);
-    long long crossing = 0;
-    moe_groups_layout(rt.group_rows, &crossing, rt.send_offsets, rt.row_slot, N, K, E, V, rank, W);
-    model->wire_rows[0] += crossing;
-    const float* dispatched = a.sendbuf; // what the all-to-all sends: rows, or their centroids
-    if (lsh) {
-        // LSH-MoE sec. 3: hash each group, send only its bucket centroids
-        lsh_projections_init(model->lsh_R, model->lsh.L, model->lsh.dp, C, lsh_seed(model->lsh_seed, m, model->step));
-        int* my_wire = rt.scratch;
-        int per_owner = E / (W * V);
-        crossing = 0;
-        rt.group_cents[0] = 0;
-        for (int e = 0; e < E; e++) {
-            my_wire[e] = 0;
-            for (int v = 0; v < V; v++) {
-                int g = e * V + v, r0 = rt.group_rows[g], n = rt.group_rows[g + 1] - r0, c0 = rt.group_cents[g];
-                int mg = lsh_group_compress(a.lsh_cent + (size_t)c0 * C, rt.bucket_of_row + r0, rt.bucket_size + c0,
-                                            a.sendbuf + (size_t)r0 * C, n, C, model->lsh_R, &model->lsh,
-                                            model->lsh_scratch, &model->lsh_stats);
-                rt.group_cents[g + 1] = c0 + mg;
-                my_wire[e] += mg;
-                if (e / per_owner != rank * V + v) { crossing += mg; }
-            }
-        }
-        model->wire_rows[1] += crossing;
-        // the count exchange carries centroid counts, known only after hashing
-        allgather_ints(my_wire, rt.wire, E, &model->comm);
-        dispatched = a.lsh_cent;
+    st->dropped_slots += moe_capacity_plan(rt.kept, rt.counts, W, E, cap);
+    moe_dispatch_layout(rt.slot_row, rt.row_slot, rt.send_offsets, buf->fill, rt.expert_idx, rt.kept + (size_t)rank * E, S, E);
+    // 5. gather their rows, by expert then by source; with LSH each group becomes its centroids,
+    // whose counts the count exchange carries (known only after hashing)
+    moe_dispatch_forward(buf->sendbuf, x, rt.row_slot, rt.send_offsets[E], C, K);
+    long long crossing = moe_groups_layout(rt.group_rows, rt.send_offsets, rt.row_slot, N, K, E, V, rank, W);
+    st->wire_rows[0] += crossing;
+    const float* dispatched = buf->sendbuf;
+    if (model->lsh.L > 0) {
+        crossing = lsh_groups_compress(model, &rt, m);
+        allgather_ints(buf->my_wire, rt.wire, E, &model->comm);
+        dispatched = buf->lsh_cent;
     } else {
-        model->wire_rows[1] += crossing;
         memcpy(rt.wire, rt.kept, (size_t)W * E * sizeof(int));
     }
-    // dispatch: each rank gets its experts' rows
-    for (int q = 0; q < W; q++) {
-        rt.send_rows[q] = 0;
-        for (int e = q * El; e < (q + 1) * El; e++) { rt.send_rows[q] += rt.wire[rank * E + e]; }
-    }
+    st->wire_rows[1] += crossing;
+    // 6. dispatch: each rank receives its experts' rows, regrouped by expert
+    moe_send_rows(rt.send_rows, rt.wire, rank, W, E);
     int R = moe_receive_layout(rt.recv_perm, rt.expert_offsets, rt.recv_rows, rt.wire, W, E, model->e0, El);
-    alltoall_rows(dispatched, rt.send_rows, a.recvbuf, rt.recv_rows, C, &model->comm);
-    moe_rows_to_experts(a.expin, a.recvbuf, rt.recv_perm, R, C);
-    // the experts held here
+    alltoall_rows(dispatched, rt.send_rows, buf->recvbuf, rt.recv_rows, C, &model->comm);
+    moe_rows_to_experts(a.expin, buf->recvbuf, rt.recv_perm, R, C);
+    // 7. the experts held here
     moe_experts_forward(a.exph, a.exph_gelu, a.expout, a.expin, rt.expert_offsets,
                         p->expfcw + (size_t)m * El * H * C, p->expfcb + (size_t)m * El * H,
                         p->expprojw + (size_t)m * El * C * H, p->expprojb + (size_t)m * El * C, El, C, H);
-    // combine: outputs back to their senders, gate-weighted sum per token
-    moe_rows_to_sources(a.recvbuf, a.expout, rt.recv_perm, R, C);
-    alltoall_rows(a.recvbuf, rt.recv_rows, lsh ? a.lsh_ycent : a.moe_y, rt.send_rows, C, &model->comm);
-    if (lsh) {
-        // LSH-MoE Eq. 5: each row's output is its centroid's plus the residual the sender kept
-        for (int g = 0; g < G; g++) {
-            int r0 = rt.group_rows[g], c0 = rt.group_cents[g];
-            lsh_group_decompress(a.moe_y + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C, a.sendbuf + (size_t)r0 * C,
-                                 a.lsh_cent + (size_t)c0 * C, rt.bucket_of_row + r0, rt.group_rows[g + 1] - r0, C,
-                                 &model->lsh, &model->lsh_stats);
-        }
+    // 8. combine: the outputs go back to their senders; with LSH one per centroid, plus the residual
+    moe_rows_to_sources(buf->recvbuf, a.expout, rt.recv_perm, R, C);
+    if (model->lsh.L > 0) {
+        alltoall_rows(buf->recvbuf, rt.recv_rows, buf->lsh_ycent, rt.send_rows, C, &model->comm);
+        lsh_groups_decompress(model, a.moe_y, &rt);
+    } else {
+        alltoall_rows(buf->recvbuf, rt.recv_rows, a.moe_y, rt.send_rows, C, &model->comm);
     }
+    // 9. the gate-weighted sum per token
     moe_combine_forward(out, a.moe_y, a.gates, rt.slot_row, N, C, K);
-    for (int q = 0; q < W; q++) {
-        if (q == rank) { continue; }
-        model->a2a_sent[0] += rt.send_rows[q]; model->a2a_recv[0] += rt.recv_rows[q];
-        model->a2a_sent[1] += rt.recv_rows[q]; model->a2a_recv[1] += rt.send_rows[q];
-    }
+    moe_count_alltoalls(st, 0, rt.send_rows, rt.recv_rows, rank, W);
 }
 
-// the backward of one MoE layer: dout (N,C) at its output; dx (N,C) accumulates
+// the backward of MoE layer m: dout (N,C) at its output, x (N,C) its input; dx (N,C) accumulates
 void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const float* x, int N) {
     const GPT2Config* cfg = &model->config;
     int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
-    int W = model->comm.world, El = model->E_local, S = N * K, G = E * model->sources, lsh = model->lsh.L > 0;
+    int W = model->comm.world, El = model->E_local, S = N * K, rank = model->comm.rank;
     const ParameterTensors* p = &model->params;
     ParameterTensors* g = &model->grads;
     ActivationTensors a = moe_layer_acts(model->acts, model, m, N);
     ActivationTensors da = moe_layer_acts(model->grads_acts, model, m, N);
     MoERouting rt = moe_layer_routing(model, m, N);
+    MoEBuffers* buf = &model->buffers;
     int R = rt.expert_offsets[El];
-    // combine backward: gradients at the expert outputs go to the experts' owners
+    // 9. combine backward: gradients at the gates and at the expert outputs
     moe_combine_backward(da.moe_y, da.gates, dout, a.moe_y, a.gates, rt.slot_row, N, C, K);
     const float* dsent = da.moe_y;
-    if (lsh) { // one gradient row per centroid: G_b = sum of its rows' gradients
-        for (int gi = 0; gi < G; gi++) {
-            int r0 = rt.group_rows[gi], c0 = rt.group_cents[gi];
-            lsh_group_decompress_backward(a.lsh_cent + (size_t)c0 * C, da.moe_y + (size_t)r0 * C, rt.bucket_of_row + r0,
-                                          rt.group_rows[gi + 1] - r0, rt.group_cents[gi + 1] - c0, C, &model->lsh_stats);
-        }
-        dsent = a.lsh_cent;
+    if (model->lsh.L > 0) { // one gradient row per centroid, so this all-to-all shrinks too
+        lsh_groups_decompress_backward(model, da.moe_y, &rt);
+        dsent = buf->lsh_cent;
     }
-    alltoall_rows(dsent, rt.send_rows, a.recvbuf, rt.recv_rows, C, &model->comm);
-    moe_rows_to_experts(da.expout, a.recvbuf, rt.recv_perm, R, C);
+    // 8. the output gradients go to the experts' owners
+    alltoall_rows(dsent, rt.send_rows, buf->recvbuf, rt.recv_rows, C, &model->comm);
+    moe_rows_to_experts(da.expout, buf->recvbuf, rt.recv_perm, R, C);
+    // 7. the experts' backward: weight gradients here, input gradients back
     moe_experts_backward(da.expin, da.exph, da.exph_gelu,
                          g->expfcw + (size_t)m * El * H * C, g->expfcb + (size_t)m * El * H,
                          g->expprojw + (size_t)m * El * C * H, g->expprojb + (size_t)m * El * C,
                          da.expout, a.expin, a.exph, a.exph_gelu,
                          rt.expert_offsets, p->expfcw + (size_t)m * El * H * C, p->expprojw + (size_t)m * El * C * H, El, C, H);
-    // dispatch backward: input gradients back to the senders, scatter-added per token
-    moe_rows_to_sources(a.recvbuf, da.expin, rt.recv_perm, R, C);
-    alltoall_rows(a.recvbuf, rt.recv_rows, lsh ? a.lsh_ycent : a.sendbuf, rt.send_rows, C, &model->comm);
-    if (lsh) { // dx_i = g_i + (J^T G_b - G_b) / n_b (compensated), or J^T G_b / n_b
-        memset(a.sendbuf, 0, (size_t)rt.send_offsets[E] * C * sizeof(float));
-        for (int gi = 0; gi < G; gi++) {
-            int r0 = rt.group_rows[gi], c0 = rt.group_cents[gi];
-            lsh_group_compress_backward(a.sendbuf + (size_t)r0 * C, da.moe_y + (size_t)r0 * C, a.lsh_ycent + (size_t)c0 * C,
-                                        a.lsh_cent + (size_t)c0 * C, rt.bucket_of_row + r0, rt.bucket_size + c0,
-                                        rt.group_rows[gi + 1] - r0, C, &model->lsh, &model->lsh_stats);
-        }
+    // 6. dispatch backward: the input gradients go back to their senders
+    moe_rows_to_sources(buf->recvbuf, da.expin, rt.recv_perm, R, C);
+    if (model->lsh.L > 0) {
+        alltoall_rows(buf->recvbuf, rt.recv_rows, buf->lsh_ycent, rt.send_rows, C, &model->comm);
+        lsh_groups_compress_backward(model, da.moe_y, &rt);
+    } else {
+        alltoall_rows(buf->recvbuf, rt.recv_rows, buf->sendbuf, rt.send_rows, C, &model->comm);
     }
-    moe_dispatch_backward(dx, a.sendbuf, rt.row_slot, rt.send_offsets[E], C, K);
-    // router backward, with f_e of the whole batch
-    int* total = moe_total_counts(rt.scratch, rt.counts, W, E);
+    // 5. scatter-added per token
+    moe_dispatch_backward(dx, buf->sendbuf, rt.row_slot, rt.send_offsets[E], C, K);
+    // 1-2. router backward, with f_e of the whole batch
     moe_router_backward(dx, g->routerw + (size_t)m * E * C, da.router_logits, da.router_probs,
                         da.gates, x, p->routerw + (size_t)m * E * C, a.router_logits,
-                        a.router_probs, rt.expert_idx, a.gates,
-                        total, (long long)S * W, model->lb_scale, model->z_scale, N, C, E, K, cfg->renorm_gates);
-    for (int q = 0; q < W; q++) {
-        if (q == model->comm.rank) { continue; }
-        model->a2a_sent[2] += rt.send_rows[q]; model->a2a_recv[2] += rt.recv_rows[q];
-        model->a2a_sent[3] += rt.recv_rows[q]; model->a2a_recv[3] += rt.send_rows[q];
+                        a.router_probs, rt.expert_idx, a.gates, moe_total_counts(buf->total, rt.counts, W, E),
+                        (long long)S * W, model->lb_scale, model->z_scale, N, C, E, K, cfg->renorm_gates);
+    moe_count_alltoalls(&model->stats, 2, rt.send_rows, rt.recv_rows, rank, W);
+}
+
+// ----------------------------------------------------------------------------
+// the model: build, forward, backward, update
+
+// Builds a model of config for this process of comm (its experts only) around params_memory,
+// this rank's parameters (count_parameters floats, host), which it takes over; NULL: zeros.
+// Everything else is allocated at the first forward.
+void gpt2_build(GPT2* model, const GPT2Config* config, float* params_memory, Comm comm) {
+    memset(model, 0, sizeof(GPT2));
+    model->config = *config;
+    model->comm = comm;
+    model->E_local = experts_per_rank(config, comm.world);
+    model->e0 = comm.rank * model->E_local;
+    fill_in_parameter_sizes(model->param_sizes, config, model->E_local);
+    model->num_parameters = count_parameters(model->param_sizes);
+    model->params_memory = params_memory != NULL ? params_memory : (float*)callocCheck(model->num_parameters, sizeof(float));
+    point_parameters(&model->params, model->params_memory, model->param_sizes);
+    model->capacity_factor = 0.0f;
+    model->aux_loss_weight = 0.01f;
+    model->z_loss_weight = 0.001f;
+    model->mean_loss = -1.0f;
+    model->sources = 1;
+}
+
+// GPT-2's initialisation (model.h) of this rank's parameters
+void gpt2_init_random(GPT2* model, uint64_t seed) {
+    gpt2_init_params(&model->params, model->param_sizes, &model->config, model->E_local, model->e0, seed);
+}
+
+// switches LSH compression on for an MoE model (before its first forward); 0 or an error in err
+int gpt2_set_lsh(GPT2* model, LSHConfig lsh, int sources, uint64_t seed, char* err, size_t errlen) {
+    const GPT2Config* c = &model->config;
+    if (lsh.L > 0) {
+        if (c->num_experts <= 1) { snprintf(err, errlen, "LSH compresses the MoE all-to-all: it needs E > 1 experts (-E)"); return -1; }
+        if (lsh_config_check(lsh.L, lsh.dp, err, errlen) != 0) { return -1; }
+        if (lsh.center > 1 || lsh.center < 0 || lsh.compensate > 1 || lsh.compensate < 0) { snprintf(err, errlen, "LSH centring and compensation are 0 or 1"); return -1; }
+    }
+    if (sources < 1 || (c->num_experts > 1 && c->num_experts % (sources * model->comm.world) != 0)) {
+        snprintf(err, errlen, "%d simulated ranks x %d processes must divide E=%d", sources, model->comm.world, c->num_experts);
+        return -1;
+    }
+    if (model->acts_memory != NULL) { snprintf(err, errlen, "gpt2_set_lsh: call it before the first forward"); return -1; }
+    model->lsh = lsh;
+    model->sources = sources;
+    model->lsh_seed = seed;
+    return 0;
+}
+
+// activations, routing and MoE buffers for this rank's B x T tokens
+void gpt2_allocate_activations(GPT2* model, size_t B, size_t T) {
+    const GPT2Config* cfg = &model->config;
+    size_t C = cfg->channels, E = cfg->num_experts, S = B * T * cfg->top_k, W = model->comm.world;
+    int lsh = model->lsh.L > 0;
+    model->batch_size = B;
+    model->seq_len = T;
+    fill_in_activation_sizes(model->act_sizes, cfg, B, T, W);
+    model->acts_memory = malloc_and_point_activations(&model->acts, model->act_sizes);
+    model->routing_memory = malloc_and_point_routing(&model->routing, cfg, B, T, W, model->E_local, model->sources, lsh);
+    model->inputs = (int*)mallocCheck(B * T * sizeof(int));
+    model->targets = (int*)mallocCheck(B * T * sizeof(int));
+    if (num_moe_layers(cfg) == 0) { return; }
+    MoEBuffers* buf = &model->buffers;
+    buf->sendbuf = (float*)callocCheck(W * S * C, sizeof(float));
+    buf->recvbuf = (float*)callocCheck(W * S * C, sizeof(float));
+    buf->total = (int*)callocCheck(3 * E, sizeof(int));
+    buf->fill = buf->total + E;
+    buf->my_wire = buf->total + 2 * E;
+    if (lsh) {
+        buf->lsh_cent = (float*)callocCheck(S * C, sizeof(float));
+        buf->lsh_ycent = (float*)callocCheck(S * C, sizeof(float));
+        buf->lsh_R = (float*)mallocCheck((size_t)model->lsh.L * model->lsh.dp * C * sizeof(float));
+        buf->lsh_scratch = mallocCheck(lsh_scratch_bytes((int)S, (int)C));
     }
 }
 
@@ -1401,18 +1015,7 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
     }
     // lazily allocate activations for the first (largest) B, T seen
     if (model->acts_memory == NULL) {
-        model->batch_size = B;
-        model->seq_len = T;
-        int lsh = model->lsh.L > 0;
-        fill_in_activation_sizes(model->act_sizes, cfg, B, T, model->comm.world, lsh);
-        model->acts_memory = malloc_and_point_activations(&model->acts, model->act_sizes);
-        model->routing_memory = malloc_and_point_routing(&model->routing, cfg, B, T, model->comm.world, model->E_local, model->sources, lsh);
-        if (lsh) {
-            model->lsh_R = (float*)mallocCheck((size_t)model->lsh.L * model->lsh.dp * C * sizeof(float));
-            model->lsh_scratch = mallocCheck(lsh_scratch_bytes((int)(B * T * cfg->top_k), (int)C));
-        }
-        model->inputs = (int*)mallocCheck(B * T * sizeof(int));
-        model->targets = (int*)mallocCheck(B * T * sizeof(int));
+        gpt2_allocate_activations(model, B, T);
     } else if (B * T > (size_t)model->batch_size * model->seq_len || T > (size_t)model->seq_len) {
         fail_exit("gpt2_forward: B=%zu T=%zu exceed the allocated B=%d T=%d", B, T, model->batch_size, model->seq_len);
     }
@@ -1422,9 +1025,7 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, size_t B, 
     ParameterTensors p = model->params;
     ActivationTensors a = model->acts;
     float lb_sum = 0.0f, z_sum = 0.0f;
-    model->dropped_slots = 0;
-    for (int i = 0; i < 4; i++) { model->a2a_sent[i] = model->a2a_recv[i] = 0; }
-    model->wire_rows[0] = model->wire_rows[1] = 0;
+    memset(&model->stats, 0, sizeof(MoEStats));
     encoder_forward(a.encoded, inputs, p.wte, p.wpe, B, T, C);
     for (size_t l = 0; l < L; l++) {
         float* residual = l == 0 ? a.encoded : a.residual3 + (l - 1) * N * C;
@@ -1487,7 +1088,8 @@ void gpt2_zero_grad(GPT2* model) {
 void gpt2_backward(GPT2* model, float loss_scale) {
     if (model->mean_loss == -1.0f) { fail_exit("gpt2_backward: the forward pass had no targets"); }
     if (model->grads_memory == NULL) {
-        model->grads_memory = malloc_and_point_parameters(&model->grads, model->param_sizes);
+        model->grads_memory = (float*)callocCheck(model->num_parameters, sizeof(float));
+        point_parameters(&model->grads, model->grads_memory, model->param_sizes);
         model->grads_acts_memory = malloc_and_point_activations(&model->grads_acts, model->act_sizes);
     }
     const GPT2Config* cfg = &model->config;
@@ -1552,7 +1154,7 @@ void gpt2_backward(GPT2* model, float loss_scale) {
 void gpt2_allreduce_grads(GPT2* model) {
     size_t offset = 0;
     for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        if (!is_expert_tensor(k)) { allreduce_floats(model->grads_memory + offset, model->param_sizes[k], &model->comm); }
+        if (!param_is_expert(k)) { allreduce_floats(model->grads_memory + offset, model->param_sizes[k], &model->comm); }
         offset += model->param_sizes[k];
     }
 }
@@ -1564,35 +1166,29 @@ float gpt2_grad_norm(const GPT2* model) {
     for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
         double s = 0.0;
         for (size_t i = offset; i < offset + model->param_sizes[k]; i++) { s += (double)model->grads_memory[i] * model->grads_memory[i]; }
-        sums[is_expert_tensor(k)] += s;
+        sums[param_is_expert(k)] += s;
         offset += model->param_sizes[k];
     }
     allreduce_doubles(&sums[1], 1, &model->comm);
     return (float)sqrt(sums[0] + sums[1]);
 }
 
-// clips the global gradient norm to grad_clip (as torch.nn.utils.clip_grad_norm_, off when
-// grad_clip <= 0), then AdamW with decoupled weight decay on the matrices; returns the norm
-float gpt2_update(GPT2* model, float learning_rate, float beta1, float beta2, float eps,
-                  float weight_decay, float grad_clip, int t) {
+// AdamW with decoupled weight decay on the matrices and embeddings, on the gradients times
+// grad_scale (grad_clip_scale of the global norm); t is the 1-based step of the bias correction
+void gpt2_update(GPT2* model, float learning_rate, float beta1, float beta2, float eps,
+                 float weight_decay, float grad_scale, int t) {
     if (model->m_memory == NULL) {
         model->m_memory = (float*)callocCheck(model->num_parameters, sizeof(float));
         model->v_memory = (float*)callocCheck(model->num_parameters, sizeof(float));
     }
-    float norm = gpt2_grad_norm(model);
-    float scale = 1.0f;
-    if (grad_clip > 0.0f) {
-        float coef = grad_clip / (norm + 1e-6f);
-        if (coef < 1.0f) { scale = coef; }
-    }
     float bc1 = 1.0f - powf(beta1, t), bc2 = 1.0f - powf(beta2, t);
     size_t offset = 0;
     for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        float wd = param_decays[k] ? weight_decay : 0.0f;
+        float wd = param_decays(k) ? weight_decay : 0.0f;
         #pragma omp parallel for
         for (size_t i = offset; i < offset + model->param_sizes[k]; i++) {
             float param = model->params_memory[i];
-            float grad = model->grads_memory[i] * scale;
+            float grad = model->grads_memory[i] * grad_scale;
             float m = beta1 * model->m_memory[i] + (1.0f - beta1) * grad;
             float v = beta2 * model->v_memory[i] + (1.0f - beta2) * grad * grad;
             model->m_memory[i] = m;
@@ -1602,7 +1198,6 @@ float gpt2_update(GPT2* model, float learning_rate, float beta1, float beta2, fl
         }
         offset += model->param_sizes[k];
     }
-    return norm;
 }
 
 void gpt2_free(GPT2* model) {
@@ -1615,373 +1210,51 @@ void gpt2_free(GPT2* model) {
     free(model->routing_memory);
     free(model->inputs);
     free(model->targets);
-    free(model->lsh_R);
-    free(model->lsh_scratch);
+    MoEBuffers* buf = &model->buffers;
+    free(buf->sendbuf);
+    free(buf->recvbuf);
+    free(buf->total);
+    free(buf->lsh_cent);
+    free(buf->lsh_ycent);
+    free(buf->lsh_R);
+    free(buf->lsh_scratch);
 }
 
 // ----------------------------------------------------------------------------
-// checkpoints: llm.c's format for dense models, our own magic for MoE models (README.md lists
-// every header field). Readers validate and explain; writers go through a temporary file.
+// checkpoints (the formats are model.h's), evaluation and sampling
 
-#define LLMC_MODEL_MAGIC 20240326 // llm.c: version 3 fp32, version 5 bf16
-#define MOE_MODEL_MAGIC 20241111  // version 1 fp32
-#define STATE_MAGIC 20241113      // training state, version 1
-
-// the descriptors of llm.c, with GPT-2's vocabulary
-int gpt2_config_from_descriptor(GPT2Config* c, const char* descriptor) {
-    int depth;
-    char rest;
-    if (sscanf(descriptor, "d%d%c", &depth, &rest) != 1) { return -1; }
-    int channels;
-    switch (depth) {
-        case 4: channels = 256; break;
-        case 6: channels = 384; break;
-        case 12: channels = 768; break;
-        case 24: channels = 1024; break;
-        case 36: channels = 1280; break;
-        case 48: channels = 1600; break;
-        default: return -1;
-    }
-    memset(c, 0, sizeof(GPT2Config));
-    c->num_layers = depth;
-    c->channels = channels;
-    c->num_heads = channels / 64;
-    c->max_seq_len = 1024;
-    c->vocab_size = 50257;
-    c->padded_vocab_size = 50304;
-    return 0;
-}
-
-// validates a config and explains the first problem in err; 0 if valid
-int gpt2_config_check(const GPT2Config* c, char* err, size_t errlen) {
-    if (c->max_seq_len <= 0 || c->max_seq_len > (1 << 20)) { snprintf(err, errlen, "maxT=%d out of range", c->max_seq_len); return -1; }
-    if (c->vocab_size <= 0 || c->vocab_size > 65536) { snprintf(err, errlen, "V=%d out of range (uint16 tokens)", c->vocab_size); return -1; }
-    if (c->padded_vocab_size < c->vocab_size || c->padded_vocab_size > (1 << 20)) { snprintf(err, errlen, "Vp=%d must be in [V=%d, 2^20]", c->padded_vocab_size, c->vocab_size); return -1; }
-    if (c->num_layers <= 0 || c->num_layers > 1024) { snprintf(err, errlen, "L=%d out of range", c->num_layers); return -1; }
-    if (c->channels <= 0 || c->channels > 65536) { snprintf(err, errlen, "C=%d out of range", c->channels); return -1; }
-    if (c->num_heads <= 0 || c->channels % c->num_heads != 0) { snprintf(err, errlen, "NH=%d must divide C=%d", c->num_heads, c->channels); return -1; }
-    if (c->num_experts > 1) {
-        if (c->num_experts > 4096) { snprintf(err, errlen, "E=%d out of range", c->num_experts); return -1; }
-        if (c->top_k < 1 || c->top_k > c->num_experts) { snprintf(err, errlen, "top-k K=%d must be in [1, E=%d]", c->top_k, c->num_experts); return -1; }
-        if (c->moe_every < 1 || c->moe_every > c->num_layers) { snprintf(err, errlen, "moe_every=%d must be in [1, L=%d]", c->moe_every, c->num_layers); return -1; }
-        if (c->expert_hidden <= 0 || c->expert_hidden > (1 << 20)) { snprintf(err, errlen, "expert hidden H=%d out of range", c->expert_hidden); return -1; }
-        if (c->renorm_gates != 0 && c->renorm_gates != 1) { snprintf(err, errlen, "renorm=%d must be 0 or 1", c->renorm_gates); return -1; }
-    }
-    return 0;
-}
-
-// writes the whole model in the single-process format: rank 0 writes, gathering each MoE layer's
-// expert slices from their owners (collective: every rank calls it)
-void gpt2_write_checkpoint(const GPT2* model, const char* path) {
-    const GPT2Config* c = &model->config;
-    const Comm* comm = &model->comm;
-    int header[256] = {0};
-    int moe = c->num_experts > 1;
-    header[0] = moe ? MOE_MODEL_MAGIC : LLMC_MODEL_MAGIC;
-    header[1] = moe ? 1 : 3;
-    header[2] = c->max_seq_len;
-    header[3] = c->vocab_size;
-    header[4] = c->num_layers;
-    header[5] = c->num_heads;
-    header[6] = c->channels;
-    header[7] = c->padded_vocab_size;
-    if (moe) {
-        header[8] = c->num_experts;
-        header[9] = c->top_k;
-        header[10] = c->moe_every;
-        header[11] = c->expert_hidden;
-        header[12] = c->renorm_gates;
-    }
-    char tmp[4096];
-    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    FILE* fp = NULL;
-    if (comm->rank == 0) {
-        fp = fopenCheck(tmp, "wb");
-        fwriteCheck(header, sizeof(int), 256, fp);
-    }
-    int Lm = num_moe_layers(c);
-    float* gathered = NULL;
-    const float* tensor = model->params_memory;
-    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        size_t n = model->param_sizes[k];
-        if (is_expert_tensor(k) && Lm > 0) {
-            size_t slice = n / Lm; // one MoE layer's local experts
-            if (gathered == NULL) { gathered = (float*)mallocCheck(model->param_sizes[15] / Lm * comm->world * sizeof(float)); }
-            for (int m = 0; m < Lm; m++) {
-                gather_floats(tensor + m * slice, gathered, slice, comm);
-                if (fp) { fwriteCheck(gathered, sizeof(float), slice * comm->world, fp); }
-            }
-        } else if (fp && n > 0) {
-            fwriteCheck(tensor, sizeof(float), n, fp);
-        }
-        tensor += n;
-    }
-    free(gathered);
-    if (fp) {
-        fcloseCheck(fp);
-        if (rename(tmp, path) != 0) { fail_exit("could not rename %s to %s", tmp, path); }
-    }
-    comm_barrier(comm); // on return the file exists for every rank
-}
-
-// reads n parameters stored as fp32 (version 3 / MoE 1) or bf16 (llm.c version 5) into out
-static int read_params(float* out, size_t n, int bf16, FILE* fp) {
-    if (!bf16) { return fread(out, sizeof(float), n, fp) == n ? 0 : -1; }
-    uint16_t buf[4096];
-    for (size_t i = 0; i < n; i += 4096) {
-        size_t chunk = n - i < 4096 ? n - i : 4096;
-        if (fread(buf, sizeof(uint16_t), chunk, fp) != chunk) { return -1; }
-        for (size_t j = 0; j < chunk; j++) {
-            union { uint32_t u; float f; } bits = {(uint32_t)buf[j] << 16}; // bf16 is fp32's top half
-            out[i + j] = bits.f;
-        }
-    }
-    return 0;
-}
-
-// reads the tensors of a checkpoint (positioned after its header) into model, whose config must
-// be the file's: replicated tensors whole, expert tensors only this rank's slice of each layer
-static int read_model_tensors(GPT2* model, FILE* fp, int bf16) {
-    size_t elem = bf16 ? 2 : 4;
-    int Lm = num_moe_layers(&model->config), W = model->comm.world, r = model->comm.rank;
-    float* tensor = model->params_memory;
-    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        size_t n = model->param_sizes[k];
-        if (is_expert_tensor(k) && Lm > 0) {
-            size_t slice = n / Lm;
-            for (int m = 0; m < Lm; m++) {
-                // layer m's experts of all ranks, then this rank's slice of them
-                if (fseek(fp, (long)(r * slice * elem), SEEK_CUR) != 0) { return -1; }
-                if (read_params(tensor + m * slice, slice, bf16, fp) != 0) { return -1; }
-                if (fseek(fp, (long)((W - 1 - r) * slice * elem), SEEK_CUR) != 0) { return -1; }
-            }
-        } else if (read_params(tensor, n, bf16, fp) != 0) {
-            return -1;
-        }
-        tensor += n;
-    }
-    return 0;
-}
-
-// Loads a checkpoint into a model for this process (its experts only, when W > 1). With
-// upcycle != NULL and upcycle->num_experts > 1, a dense (llm.c) checkpoint becomes an MoE model:
-// every expert of an MoE layer starts as a copy of that layer's dense MLP plus N(0, noise) and the
-// router starts at N(0, 0.02). Returns 0, or -1 with err set.
+// loads a checkpoint (upcycling a dense one when upcycle->num_experts > 1) for this process
+// of comm; 0, or -1 with err set
 int gpt2_load_checkpoint(GPT2* model, const char* path, const GPT2Config* upcycle, float noise,
                          uint64_t seed, Comm comm, char* err, size_t errlen) {
-    FILE* fp = fopen(path, "rb");
-    if (fp == NULL) { snprintf(err, errlen, "%s: cannot open checkpoint", path); return -1; }
-    int header[256];
-    if (fread(header, sizeof(int), 256, fp) != 256) {
-        snprintf(err, errlen, "%s: truncated checkpoint (no full 1024-byte header)", path);
-        fclose(fp);
-        return -1;
-    }
     GPT2Config c;
-    memset(&c, 0, sizeof(c));
-    int bf16 = 0;
-    if (header[0] == LLMC_MODEL_MAGIC) {
-        if (header[1] != 3 && header[1] != 5) {
-            snprintf(err, errlen, "%s: llm.c checkpoint version %d not supported (3 = fp32, 5 = bf16)", path, header[1]);
-            fclose(fp);
-            return -1;
-        }
-        bf16 = header[1] == 5;
-    } else if (header[0] == MOE_MODEL_MAGIC) {
-        if (header[1] != 1) {
-            snprintf(err, errlen, "%s: MoE checkpoint version %d not supported (expected 1)", path, header[1]);
-            fclose(fp);
-            return -1;
-        }
-        c.num_experts = header[8];
-        c.top_k = header[9];
-        c.moe_every = header[10];
-        c.expert_hidden = header[11];
-        c.renorm_gates = header[12];
-        if (c.num_experts <= 1) { snprintf(err, errlen, "%s: MoE checkpoint with E=%d (must be > 1)", path, c.num_experts); fclose(fp); return -1; }
-    } else {
-        snprintf(err, errlen, "%s: bad magic %d (expected %d for llm.c or %d for llm.moe MoE checkpoints)",
-                 path, header[0], LLMC_MODEL_MAGIC, MOE_MODEL_MAGIC);
-        fclose(fp);
-        return -1;
-    }
-    c.max_seq_len = header[2];
-    c.vocab_size = header[3];
-    c.num_layers = header[4];
-    c.num_heads = header[5];
-    c.channels = header[6];
-    c.padded_vocab_size = header[7];
-    char cerr[256];
-    if (gpt2_config_check(&c, cerr, sizeof(cerr)) != 0) {
-        snprintf(err, errlen, "%s: bad header: %s", path, cerr);
-        fclose(fp);
-        return -1;
-    }
-    // the file size must match the header exactly, checked before allocating anything
-    size_t sizes[NUM_PARAMETER_TENSORS];
-    fill_in_parameter_sizes(sizes, &c, c.num_experts > 1 ? c.num_experts : 0);
-    size_t n = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { n += sizes[i]; }
-    size_t expected = 256 * sizeof(int) + n * (bf16 ? 2 : 4);
-    fseek(fp, 0, SEEK_END);
-    long actual = ftell(fp);
-    fseek(fp, 256 * sizeof(int), SEEK_SET);
-    if (actual < 0 || (size_t)actual != expected) {
-        snprintf(err, errlen, "%s: file has %ld bytes but its header describes %zu (%s)", path, actual, expected,
-                 (actual >= 0 && (size_t)actual < expected) ? "truncated" : "trailing data");
-        fclose(fp);
-        return -1;
-    }
-    int upcycling = upcycle != NULL && upcycle->num_experts > 1 && c.num_experts <= 1;
-    GPT2Config mc = c;
-    if (upcycling) {
-        mc.num_experts = upcycle->num_experts;
-        mc.top_k = upcycle->top_k;
-        mc.moe_every = upcycle->moe_every;
-        mc.expert_hidden = upcycle->expert_hidden > 0 ? upcycle->expert_hidden : 4 * c.channels;
-        mc.renorm_gates = upcycle->renorm_gates;
-        if (mc.expert_hidden != 4 * c.channels) {
-            snprintf(err, errlen, "%s: upcycling copies the dense MLP into each expert, so H must be 4C=%d (got %d)", path, 4 * c.channels, mc.expert_hidden);
-            fclose(fp);
-            return -1;
-        }
-        if (gpt2_config_check(&mc, cerr, sizeof(cerr)) != 0) { snprintf(err, errlen, "%s: upcycled config: %s", path, cerr); fclose(fp); return -1; }
-    }
-    if (mc.num_experts > 1 && mc.num_experts % comm.world != 0) {
-        snprintf(err, errlen, "%s: E=%d experts cannot be split evenly over W=%d processes", path, mc.num_experts, comm.world);
-        fclose(fp);
-        return -1;
-    }
-    if (!upcycling) {
-        gpt2_allocate(model, &c, comm);
-        if (read_model_tensors(model, fp, bf16) != 0) { snprintf(err, errlen, "%s: read failed", path); fclose(fp); gpt2_free(model); return -1; }
-        fclose(fp);
-        return 0;
-    }
-    // upcycling: read the dense model, then build the MoE model around it
-    GPT2 dense;
-    gpt2_allocate(&dense, &c, comm);
-    if (read_model_tensors(&dense, fp, bf16) != 0) { snprintf(err, errlen, "%s: read failed", path); fclose(fp); gpt2_free(&dense); return -1; }
-    fclose(fp);
-    gpt2_allocate(model, &mc, comm);
-    ParameterTensors* d = &dense.params;
-    ParameterTensors* p = &model->params;
-    // the tensors shared by both layouts: embeddings, attention, layernorms
-    int shared[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 19, 20};
-    float** dst[] = {&p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb, &p->ln2w, &p->ln2b, &p->lnfw, &p->lnfb};
-    float** src[] = {&d->wte, &d->wpe, &d->ln1w, &d->ln1b, &d->qkvw, &d->qkvb, &d->attprojw, &d->attprojb, &d->ln2w, &d->ln2b, &d->lnfw, &d->lnfb};
-    for (int i = 0; i < 12; i++) { memcpy(*dst[i], *src[i], dense.param_sizes[shared[i]] * sizeof(float)); }
-    size_t C = c.channels, H = mc.expert_hidden, El = model->E_local;
-    uint64_t rng = seed * 0x9E3779B97F4A7C15ull + 7;
-    normal_fill(p->routerw, model->param_sizes[14], 0.02f, &rng);
-    for (int l = 0; l < c.num_layers; l++) {
-        const float* fcw = d->fcw + l * 4 * C * C;
-        const float* fcb = d->fcb + l * 4 * C;
-        const float* fcprojw = d->fcprojw + l * C * 4 * C;
-        const float* fcprojb = d->fcprojb + l * C;
-        if (is_moe_layer(&mc, l)) {
-            size_t m = moe_layer_index(&mc, l);
-            for (size_t el = 0; el < El; el++) {
-                float* w1 = p->expfcw + (m * El + el) * H * C;
-                memcpy(w1, fcw, H * C * sizeof(float));
-                memcpy(p->expfcb + (m * El + el) * H, fcb, H * sizeof(float));
-                memcpy(p->expprojw + (m * El + el) * C * H, fcprojw, C * H * sizeof(float));
-                memcpy(p->expprojb + (m * El + el) * C, fcprojb, C * sizeof(float));
-                if (noise > 0.0f) { // breaks the symmetry between identical experts
-                    uint64_t r = expert_seed(seed, 15, m, model->e0 + el);
-                    for (size_t i = 0; i < H * C; i++) { float z; normal_fill(&z, 1, noise, &r); w1[i] += z; }
-                }
-            }
-        } else {
-            size_t dl = dense_layer_index(&mc, l);
-            memcpy(p->fcw + dl * 4 * C * C, fcw, 4 * C * C * sizeof(float));
-            memcpy(p->fcb + dl * 4 * C, fcb, 4 * C * sizeof(float));
-            memcpy(p->fcprojw + dl * C * 4 * C, fcprojw, C * 4 * C * sizeof(float));
-            memcpy(p->fcprojb + dl * C, fcprojb, C * sizeof(float));
-        }
-    }
-    gpt2_free(&dense);
+    float* params;
+    if (checkpoint_load(path, upcycle, noise, seed, comm.rank, comm.world, &c, &params, err, errlen) != 0) { return -1; }
+    gpt2_build(model, &c, params, comm);
     return 0;
 }
 
-// training state of one rank: AdamW moments, step, data position, sampling RNG. With W ranks
-// each writes its own file (its experts' moments differ); a resume needs the same W.
-typedef struct {
-    int step;
-    DataLoaderPosition data;
-    uint64_t rng;
-} TrainState;
-
-void state_path(char* out, size_t n, const char* dir, int step, int rank) {
-    snprintf(out, n, "%s/state_%08d_%05d.bin", dir, step, rank);
+// the model in the single-process format (collective: rank 0 gathers the experts and writes)
+void gpt2_write_checkpoint(const GPT2* model, const char* path) {
+    checkpoint_write(path, &model->config, model->params_memory, model->param_sizes, &model->comm);
 }
 
-void state_write(const GPT2* model, const TrainState* s, const char* path) {
-    int header[256] = {0};
-    header[0] = STATE_MAGIC;
-    header[1] = 1;
-    header[2] = s->step;
-    header[3] = model->comm.rank;
-    header[4] = model->comm.world;
-    int64_t fields[5] = {(int64_t)model->num_parameters, s->data.epoch, s->data.shard_idx, s->data.sample_idx, (int64_t)s->rng};
-    char tmp[4096];
-    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-    FILE* fp = fopenCheck(tmp, "wb");
-    fwriteCheck(header, sizeof(int), 256, fp);
-    fwriteCheck(fields, sizeof(int64_t), 5, fp);
-    fwriteCheck(model->m_memory, sizeof(float), model->num_parameters, fp);
-    fwriteCheck(model->v_memory, sizeof(float), model->num_parameters, fp);
-    fcloseCheck(fp);
-    if (rename(tmp, path) != 0) { fail_exit("could not rename %s to %s", tmp, path); }
+// the model and every rank's training state of step s->step, in dir (collective)
+void gpt2_save(const GPT2* model, const char* dir, const TrainState* s) {
+    checkpoint_save(dir, s, &model->config, model->params_memory, model->m_memory, model->v_memory, model->param_sizes, &model->comm);
 }
 
-int state_read(GPT2* model, TrainState* s, const char* path, char* err, size_t errlen) {
-    FILE* fp = fopen(path, "rb");
-    if (fp == NULL) { snprintf(err, errlen, "%s: cannot open training state", path); return -1; }
-    int header[256];
-    int64_t fields[5];
-    if (fread(header, sizeof(int), 256, fp) != 256 || fread(fields, sizeof(int64_t), 5, fp) != 5) {
-        snprintf(err, errlen, "%s: truncated training state header", path);
-        fclose(fp);
-        return -1;
+// the mean loss over steps batches of loader from its start, averaged over ranks
+double gpt2_validate(GPT2* model, DataLoader* loader, int steps) {
+    double val_loss = 0.0;
+    dataloader_reset(loader);
+    for (int i = 0; i < steps; i++) {
+        dataloader_next_batch(loader);
+        gpt2_forward(model, loader->inputs, loader->targets, loader->B, loader->T);
+        val_loss += model->mean_loss;
     }
-    if (header[0] != STATE_MAGIC || header[1] != 1) {
-        snprintf(err, errlen, "%s: bad magic/version %d/%d (expected %d/1)", path, header[0], header[1], STATE_MAGIC);
-        fclose(fp);
-        return -1;
-    }
-    if (header[3] != model->comm.rank || header[4] != model->comm.world) {
-        snprintf(err, errlen, "%s: state of rank %d of %d, this is rank %d of %d (resume with the same number of processes)",
-                 path, header[3], header[4], model->comm.rank, model->comm.world);
-        fclose(fp);
-        return -1;
-    }
-    if (fields[0] != (int64_t)model->num_parameters) {
-        snprintf(err, errlen, "%s: state is for %lld parameters, the model has %zu", path, (long long)fields[0], model->num_parameters);
-        fclose(fp);
-        return -1;
-    }
-    if (model->m_memory == NULL) {
-        model->m_memory = (float*)callocCheck(model->num_parameters, sizeof(float));
-        model->v_memory = (float*)callocCheck(model->num_parameters, sizeof(float));
-    }
-    size_t n = model->num_parameters;
-    if (fread(model->m_memory, sizeof(float), n, fp) != n || fread(model->v_memory, sizeof(float), n, fp) != n || fgetc(fp) != EOF) {
-        snprintf(err, errlen, "%s: wrong size for %zu parameters (truncated or trailing data)", path, n);
-        fclose(fp);
-        return -1;
-    }
-    fclose(fp);
-    s->step = header[2];
-    s->data.epoch = fields[1];
-    s->data.shard_idx = fields[2];
-    s->data.sample_idx = fields[3];
-    s->rng = (uint64_t)fields[4];
-    return 0;
+    return mean_over_ranks(val_loss / steps, &model->comm);
 }
-
-// ----------------------------------------------------------------------------
-// sampling and the learning-rate schedule
 
 int sample_mult(const float* probs, int n, float coin) { // coin in [0, 1)
     float cdf = 0.0f;
@@ -1994,6 +1267,7 @@ int sample_mult(const float* probs, int n, float coin) { // coin in [0, 1)
 
 // generates genT tokens after an end-of-text token; dropless routing so that the sample does not
 // depend on the capacity of a batch of one. Tokens go to out (genT), returns how many were made.
+// Collective: every rank generates (the MoE layers exchange rows), the same tokens.
 int gpt2_generate(GPT2* model, int* out, int genT, int eot, uint64_t* rng) {
     int maxT = model->seq_len < genT + 1 ? model->seq_len : genT + 1;
     int* tokens = (int*)mallocCheck(maxT * sizeof(int));
@@ -2012,482 +1286,91 @@ int gpt2_generate(GPT2* model, int* out, int genT, int eot, uint64_t* rng) {
     return made;
 }
 
-// linear warmup, then cosine decay to lr * final_frac (as llm.c)
-float learning_rate_at(int step, int max_steps, float lr, int warmup, float final_frac) {
-    if (step < warmup) { return lr * (step + 1) / warmup; }
-    float min_lr = lr * final_frac;
-    float ratio = max_steps > warmup ? (float)(step - warmup) / (max_steps - warmup) : 1.0f;
-    if (ratio > 1.0f) { ratio = 1.0f; }
-    float coeff = 0.5f * (1.0f + cosf((float)M_PI * ratio));
-    return min_lr + coeff * (lr - min_lr);
-}
-
-double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-// ----------------------------------------------------------------------------
-// command line (llm.c's flags, plus the MoE ones in capitals)
-
-typedef struct {
-    const char* train_pattern; // -i
-    const char* val_pattern;   // -j
-    const char* output_dir;    // -o
-    const char* model;         // -e descriptor (d4, d6, d12, ...) or checkpoint file
-    const char* tokenizer_dir; // -k folder with encoder.json and vocab.bpe
-    int B, T;                  // -b, -t
-    int total_batch;           // -d tokens per optimizer step (-1: B*T)
-    float lr, final_lr_frac;   // -l, -q
-    int warmup;                // -u
-    float weight_decay;        // -c
-    float grad_clip;           // -G (0: off)
-    int max_steps;             // -x
-    int val_every, val_steps;  // -v, -m
-    int sample_every, genT;    // -s, -g
-    int ckpt_every;            // -n
-    int resume;                // -y
-    uint64_t seed;             // -S
-    int shuffle;               // -W
-    // MoE (set: given on the command line)
-    int E, K, moe_every, H, renorm; // -E -K -M -H -R
-    int set_E, set_K, set_M, set_H, set_R;
-    float capacity_factor, aux_w, z_w, upcycle_noise; // -F -A -Z -N
-    // LSH compression of the all-to-all
-    int lsh_L, lsh_dp, lsh_compensate, lsh_center, sources; // -J -P -C -O -V
-} TrainArgs;
-
-void print_usage(void) {
-    fprintf(stderr,
-        "Usage: ./train_gpt2_moe_cpu [options]\n"
-        "  -i <pattern> train token shards (default data/tinyshakespeare/tiny_shakespeare_train.bin)\n"
-        "  -j <pattern> val token shards (default data/tinyshakespeare/tiny_shakespeare_val.bin)\n"
-        "  -o <dir>     output folder for main.log and checkpoints (default none)\n"
-        "  -e <model>   descriptor d4|d6|d12|d24|d36|d48 or a checkpoint file (default d4)\n"
-        "  -k <dir>     tokenizer folder with encoder.json and vocab.bpe (default data/gpt2)\n"
-        "  -b <int>     batch size B (default 4)          -t <int> sequence length T (default 64)\n"
-        "  -d <int>     total batch in tokens, a multiple of B*T (default B*T)\n"
-        "  -l <float>   learning rate (default 3e-4)      -u <int> warmup steps (default 0)\n"
-        "  -q <float>   final lr fraction (default 1.0)   -c <float> weight decay (default 0.0)\n"
-        "  -G <float>   gradient clip norm, 0 off (default 1.0)\n"
-        "  -x <int>     steps (default 40)                -S <int> seed (default 1337)\n"
-        "  -v <int>     val every (default 20)            -m <int> val batches (default 20)\n"
-        "  -s <int>     sample every (default 20)         -g <int> sample tokens (default 64)\n"
-        "  -n <int>     checkpoint every, 0 = at the end only (default 0)\n"
-        "  -y <0|1>     resume from the latest checkpoint in -o (default 0)\n"
-        "  -W <0|1>     shuffle the training data (default 1)\n"
-        "  MoE: -E <int> experts (default 1 = dense)   -K <int> top-k (default 2, or 1 if E=1)\n"
-        "       -M <int> every M-th layer is MoE (1)   -H <int> expert hidden size (default 4C)\n"
-        "       -F <float> capacity factor, <=0 dropless (1.25)   -R <0|1> renormalise gates (1)\n"
-        "       -A <float> load-balancing loss weight (0.01)   -Z <float> z-loss weight (0.001)\n"
-        "       -N <float> noise std on upcycled experts (0.0)\n"
-        "  LSH:  -J <int> hash functions, 0 = off (0)  -P <int> projection width d' (4)\n"
-        "       -C <0|1> residual compensation (1)     -O <0|1> centre each group before hashing (1)\n"
-        "       -V <int> simulated source ranks per process: groups are (expert, source) (1)\n");
-}
-
-static int parse_int(const char* flag, const char* s, int min) {
-    char* end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < min || v > INT_MAX) { fail_exit("flag %s: expected an integer >= %d, got '%s'", flag, min, s); }
-    return (int)v;
-}
-
-static float parse_float(const char* flag, const char* s) {
-    char* end;
-    float v = strtof(s, &end);
-    if (*s == '\0' || *end != '\0' || !isfinite(v)) { fail_exit("flag %s: expected a number, got '%s'", flag, s); }
-    return v;
-}
-
-void parse_args(TrainArgs* a, int argc, char** argv, int world) {
-    memset(a, 0, sizeof(TrainArgs));
-    a->train_pattern = "data/tinyshakespeare/tiny_shakespeare_train.bin";
-    a->val_pattern = "data/tinyshakespeare/tiny_shakespeare_val.bin";
-    a->model = "d4";
-    a->tokenizer_dir = "data/gpt2";
-    a->B = 4; a->T = 64; a->total_batch = -1;
-    a->lr = 3e-4f; a->final_lr_frac = 1.0f; a->warmup = 0; a->weight_decay = 0.0f; a->grad_clip = 1.0f;
-    a->max_steps = 40; a->val_every = 20; a->val_steps = 20; a->sample_every = 20; a->genT = 64;
-    a->seed = 1337; a->shuffle = 1;
-    a->E = 1; a->K = 2; a->moe_every = 1; a->H = 0; a->renorm = 1;
-    a->capacity_factor = 1.25f; a->aux_w = 0.01f; a->z_w = 0.001f;
-    a->lsh_L = 0; a->lsh_dp = 4; a->lsh_compensate = 1; a->lsh_center = 1; a->sources = 1;
-    for (int i = 1; i < argc; i += 2) {
-        const char* f = argv[i];
-        if (strcmp(f, "-h") == 0) { print_usage(); exit(EXIT_SUCCESS); }
-        if (f[0] != '-' || strlen(f) != 2) { fail_exit("unknown argument '%s' (-h lists the flags)", f); }
-        if (i + 1 >= argc) { fail_exit("flag %s needs a value (-h lists the flags)", f); }
-        const char* v = argv[i + 1];
-        switch (f[1]) {
-            case 'i': a->train_pattern = v; break;
-            case 'j': a->val_pattern = v; break;
-            case 'o': a->output_dir = v; break;
-            case 'e': a->model = v; break;
-            case 'k': a->tokenizer_dir = v; break;
-            case 'b': a->B = parse_int(f, v, 1); break;
-            case 't': a->T = parse_int(f, v, 1); break;
-            case 'd': a->total_batch = parse_int(f, v, -1); break;
-            case 'l': a->lr = parse_float(f, v); break;
-            case 'u': a->warmup = parse_int(f, v, 0); break;
-            case 'q': a->final_lr_frac = parse_float(f, v); break;
-            case 'c': a->weight_decay = parse_float(f, v); break;
-            case 'G': a->grad_clip = parse_float(f, v); break;
-            case 'x': a->max_steps = parse_int(f, v, 0); break;
-            case 'v': a->val_every = parse_int(f, v, 0); break;
-            case 'm': a->val_steps = parse_int(f, v, 1); break;
-            case 's': a->sample_every = parse_int(f, v, 0); break;
-            case 'g': a->genT = parse_int(f, v, 1); break;
-            case 'n': a->ckpt_every = parse_int(f, v, 0); break;
-            case 'y': a->resume = parse_int(f, v, 0); break;
-            case 'S': a->seed = (uint64_t)parse_int(f, v, 0); break;
-            case 'W': a->shuffle = parse_int(f, v, 0); break;
-            case 'E': a->E = parse_int(f, v, 1); a->set_E = 1; break;
-            case 'K': a->K = parse_int(f, v, 1); a->set_K = 1; break;
-            case 'M': a->moe_every = parse_int(f, v, 1); a->set_M = 1; break;
-            case 'H': a->H = parse_int(f, v, 0); a->set_H = 1; break;
-            case 'R': a->renorm = parse_int(f, v, 0); a->set_R = 1; break;
-            case 'F': a->capacity_factor = parse_float(f, v); break;
-            case 'A': a->aux_w = parse_float(f, v); break;
-            case 'Z': a->z_w = parse_float(f, v); break;
-            case 'N': a->upcycle_noise = parse_float(f, v); break;
-            case 'J': a->lsh_L = parse_int(f, v, 0); break;
-            case 'P': a->lsh_dp = parse_int(f, v, 1); break;
-            case 'C': a->lsh_compensate = parse_int(f, v, 0); break;
-            case 'O': a->lsh_center = parse_int(f, v, 0); break;
-            case 'V': a->sources = parse_int(f, v, 1); break;
-            default: fail_exit("unknown flag %s (-h lists the flags)", f);
-        }
-    }
-    if (a->E == 1 && !a->set_K) { a->K = 1; }
-    if (a->resume > 1 || a->shuffle > 1 || a->renorm > 1 || a->lsh_compensate > 1 || a->lsh_center > 1) {
-        fail_exit("flags -y, -W, -R, -C and -O take 0 or 1");
-    }
-    if (a->B % a->sources != 0) { fail_exit("flag -V: %d simulated ranks must divide the batch B=%d (each owns whole sequences)", a->sources, a->B); }
-    if (a->resume && a->output_dir == NULL) { fail_exit("flag -y 1 needs an output folder -o to resume from"); }
-    if (a->E > 1 && a->K > a->E) { fail_exit("flag -K: top-k K=%d exceeds the number of experts E=%d", a->K, a->E); }
-    if (a->E == 1 && (a->set_K || a->set_M || a->set_H) && a->K != 1) { fail_exit("flag -K: top-k K=%d needs E >= K experts (-E is 1)", a->K); }
-    if (a->lr <= 0.0f) { fail_exit("flag -l: learning rate must be > 0"); }
-    if (a->total_batch == -1) { a->total_batch = a->B * a->T * world; }
-    if (a->total_batch <= 0 || a->total_batch % (a->B * a->T * world) != 0) {
-        fail_exit("flag -d: total batch %d tokens is not a positive multiple of B*T*W = %d", a->total_batch, a->B * a->T * world);
-    }
-}
-
-// finds the latest step in dir with a model file and this rank's state file; -1 if none
-int find_latest_checkpoint(const char* dir, int rank) {
-    DIR* d = opendir(dir);
-    if (d == NULL) { return -1; }
-    int best = -1;
-    struct dirent* ent;
-    while ((ent = readdir(d)) != NULL) {
-        int step;
-        char tail;
-        if (sscanf(ent->d_name, "model_%8d.bi%c", &step, &tail) == 2 && tail == 'n' && strlen(ent->d_name) == 18) {
-            char path[4096];
-            state_path(path, sizeof(path), dir, step, rank);
-            if (access(path, R_OK) == 0 && step > best) { best = step; }
-        }
-    }
-    closedir(d);
-    return best;
-}
-
-// FNV-1a of the binary's build and the command line: every rank must run the same of both
-uint64_t run_fingerprint(int argc, char** argv) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    const char* build = __DATE__ " " __TIME__ " " __FILE__;
-    for (const char* c = build; *c; c++) { h = (h ^ (unsigned char)*c) * 0x100000001b3ull; }
-    h = (h ^ sizeof(GPT2)) * 0x100000001b3ull;
-    for (int i = 1; i < argc; i++) {
-        for (const char* c = argv[i]; *c; c++) { h = (h ^ (unsigned char)*c) * 0x100000001b3ull; }
-        h = (h ^ 0xff) * 0x100000001b3ull;
-    }
-    return h;
-}
-
-// mean over ranks of one number per rank (the losses: every rank has the same number of tokens)
-double mean_over_ranks(double x, const Comm* comm) {
-    allreduce_doubles(&x, 1, comm);
-    return x / comm->world;
-}
-
 // ----------------------------------------------------------------------------
 // main training loop
 #ifndef TESTING
 int main(int argc, char** argv) {
     Comm comm = comm_init(&argc, &argv);
     int W = comm.world;
-    char err[1024];
-    {   // every rank must run the same binary with the same flags
-        uint64_t fp = run_fingerprint(argc, argv);
-        int mine[2] = {(int)(fp >> 32), (int)(fp & 0xffffffffu)};
-        int* all = (int*)mallocCheck(2 * W * sizeof(int));
-        allgather_ints(mine, all, 2, &comm);
-        int differs = all[0] != mine[0] || all[1] != mine[1];
-        snprintf(err, sizeof(err), "the binary or the command line differs from rank 0's (every rank must run the same)");
-        comm_check_all(differs, err, &comm);
-        free(all);
-    }
     TrainArgs args;
-    parse_args(&args, argc, argv, W);
+    parse_args(&args, argc, argv, &comm);
 
-    // the model: from a checkpoint (possibly resumed or upcycled) or from a descriptor
+    // the model: resumed, loaded from a checkpoint (maybe upcycled) or initialised (train.h)
+    RunStart start;
+    run_start(&start, &args, &comm);
+    check_batch_fits(&args, &start.config, W);
     GPT2 model;
-    GPT2Config moe_flags = {0};
-    moe_flags.num_experts = args.E;
-    moe_flags.top_k = args.K;
-    moe_flags.moe_every = args.moe_every;
-    moe_flags.expert_hidden = args.H;
-    moe_flags.renorm_gates = args.renorm;
-    TrainState state = {0};
-    state.rng = args.seed ^ 0xA5A5A5A5ull; // the same on every rank: all ranks sample the same tokens
-    int resume_step = -1;
-    if (args.resume) {
-        resume_step = find_latest_checkpoint(args.output_dir, comm.rank);
-        if (resume_step < 0) { fail_exit("flag -y 1: no checkpoint (model_*.bin + state_*_%05d.bin) in %s", comm.rank, args.output_dir); }
-    }
-    const char* model_path = args.model;
-    char resume_path[4096];
-    if (resume_step >= 0) {
-        snprintf(resume_path, sizeof(resume_path), "%s/model_%08d.bin", args.output_dir, resume_step);
-        model_path = resume_path;
-    }
-    GPT2Config descriptor;
-    if (resume_step < 0 && gpt2_config_from_descriptor(&descriptor, model_path) == 0) {
-        if (args.E > 1) {
-            descriptor.num_experts = args.E;
-            descriptor.top_k = args.K;
-            descriptor.moe_every = args.moe_every;
-            descriptor.expert_hidden = args.H > 0 ? args.H : 4 * descriptor.channels;
-            descriptor.renorm_gates = args.renorm;
-        }
-        if (gpt2_config_check(&descriptor, err, sizeof(err)) != 0) { fail_exit("model %s: %s", model_path, err); }
-        if (args.E > 1 && args.E % W != 0) { fail_exit("flag -E: E=%d experts cannot be split evenly over W=%d processes", args.E, W); }
-        gpt2_allocate(&model, &descriptor, comm);
-        gpt2_init_random(&model, args.seed);
-    } else {
-        if (model_path[0] == 'd' && access(model_path, F_OK) != 0) {
-            fail_exit("flag -e: '%s' is neither a descriptor (d4 d6 d12 d24 d36 d48) nor a checkpoint file", model_path);
-        }
-        int rc = gpt2_load_checkpoint(&model, model_path, &moe_flags, args.upcycle_noise, args.seed, comm, err, sizeof(err));
-        comm_check_all(rc != 0, err, &comm);
-        const GPT2Config* c = &model.config;
-        if (c->num_experts > 1 && ((args.set_E && args.E != c->num_experts) || (args.set_K && args.K != c->top_k) ||
-                                   (args.set_M && args.moe_every != c->moe_every) || (args.set_H && args.H != c->expert_hidden) ||
-                                   (args.set_R && args.renorm != c->renorm_gates))) {
-            fail_exit("flags -E/-K/-M/-H/-R conflict with checkpoint %s (E=%d K=%d moe_every=%d H=%d renorm=%d)",
-                      model_path, c->num_experts, c->top_k, c->moe_every, c->expert_hidden, c->renorm_gates);
-        }
-    }
+    gpt2_build(&model, &start.config, start.params, comm);
+    model.m_memory = start.m; // AdamW's moments when resumed, else NULL (allocated at the first update)
+    model.v_memory = start.v;
     model.capacity_factor = args.capacity_factor;
     model.aux_loss_weight = args.aux_w;
     model.z_loss_weight = args.z_w;
     LSHConfig lsh = {args.lsh_L, args.lsh_dp, args.lsh_center, args.lsh_compensate};
+    char err[1024];
     if (gpt2_set_lsh(&model, lsh, args.sources, args.seed, err, sizeof(err)) != 0) { fail_exit("flags -J/-P/-V: %s", err); }
     const GPT2Config* cfg = &model.config;
-    if (args.T > cfg->max_seq_len) { fail_exit("flag -t: T=%d exceeds the model's maxT=%d", args.T, cfg->max_seq_len); }
     int B = args.B, T = args.T; // B is per process, as in llm.c
     int grad_accum = args.total_batch / (B * T * W);
 
-    // data: every rank checks its shards first, so that a rank that cannot read them stops all
-    // ranks with one message instead of leaving the others waiting in a collective
-    size_t min_tokens = (size_t)B * T * W + 1;
-    int bad = dataloader_check_pattern(args.train_pattern, min_tokens, err, sizeof(err)) != 0 ||
-              dataloader_check_pattern(args.val_pattern, min_tokens, err, sizeof(err)) != 0;
-    comm_check_all(bad, err, &comm);
-    errors_on_every_rank = 1; // from here on a failure may be one rank's own
+    // data, tokenizer, output folder and main.log
     DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, args.train_pattern, B, T, comm.rank, W, args.shuffle, args.seed, cfg->vocab_size);
-    dataloader_init(&val_loader, args.val_pattern, B, T, comm.rank, W, 0, args.seed, cfg->vocab_size);
-    if (resume_step >= 0) {
-        char path[4096];
-        state_path(path, sizeof(path), args.output_dir, resume_step, comm.rank);
-        int rc = state_read(&model, &state, path, err, sizeof(err));
-        comm_check_all(rc != 0, err, &comm);
-        dataloader_resume(&train_loader, state.data);
-    }
-
-    // tokenizer, for the samples (optional: without it the samples print as token ids)
+    run_open_data(&train_loader, &val_loader, &args, &start, cfg->vocab_size, &comm);
     Tokenizer tokenizer;
-    int have_tokenizer = 0;
-    char enc_path[4096], bpe_path[4096];
-    snprintf(enc_path, sizeof(enc_path), "%s/encoder.json", args.tokenizer_dir);
-    snprintf(bpe_path, sizeof(bpe_path), "%s/vocab.bpe", args.tokenizer_dir);
-    if (comm.rank == 0 && access(enc_path, R_OK) == 0 && access(bpe_path, R_OK) == 0) {
-        tokenizer_init(&tokenizer, enc_path, bpe_path);
-        have_tokenizer = 1;
-    } else {
-        printf0("tokenizer files not found in %s: samples print as token ids\n", args.tokenizer_dir);
-    }
-
-    FILE* logfile = NULL;
-    if (args.output_dir != NULL) {
-        mkdir(args.output_dir, 0755);
-        if (comm.rank == 0) {
-            char path[4096];
-            snprintf(path, sizeof(path), "%s/main.log", args.output_dir);
-            logfile = fopenCheck(path, resume_step >= 0 ? "a" : "w");
-        }
-    }
-
-    size_t total_params = model.num_parameters, active = model.num_parameters;
-    if (cfg->num_experts > 1) {
-        size_t per_expert = (size_t)num_moe_layers(cfg) * (2 * (size_t)cfg->expert_hidden * cfg->channels + cfg->expert_hidden + cfg->channels);
-        total_params += per_expert * (cfg->num_experts - model.E_local); // the other ranks' experts
-        active = total_params - per_expert * (cfg->num_experts - cfg->top_k); // only K of E touch a token
-    }
-    printf0("+-----------------------+----------------------------------------------------+\n");
-    printf0("| model                 | %-50s |\n", model_path);
-    printf0("| L, C, NH, maxT, V, Vp | %d, %d, %d, %d, %d, %d\n", cfg->num_layers, cfg->channels, cfg->num_heads, cfg->max_seq_len, cfg->vocab_size, cfg->padded_vocab_size);
-    if (cfg->num_experts > 1) {
-        printf0("| MoE                   | E=%d K=%d moe_every=%d H=%d renorm=%d capacity=%.2f aux=%g z=%g\n",
-                cfg->num_experts, cfg->top_k, cfg->moe_every, cfg->expert_hidden, cfg->renorm_gates,
-                args.capacity_factor, args.aux_w, args.z_w);
-    } else {
-        printf0("| MoE                   | none (dense GPT-2)\n");
-    }
-    printf0("| parameters            | %zu total, %zu active per token\n", total_params, active);
-    printf0("| processes             | W=%d%s", W, W > 1 && cfg->num_experts > 1 ? ", experts split evenly" : "");
-    if (args.sources > 1) { printf0(", %d simulated source ranks each", args.sources); }
-    printf0("\n");
-    if (args.lsh_L > 0) {
-        printf0("| LSH                   | L=%d hash functions, d'=%d, compensation %s, centring %s\n",
-                args.lsh_L, args.lsh_dp, args.lsh_compensate ? "on" : "off", args.lsh_center ? "on" : "off");
-    }
-    printf0("| batch                 | B=%d T=%d per process, %d tokens per step (grad accum %d)\n", B, T, args.total_batch, grad_accum);
-    printf0("| train / val tokens    | %zu / %zu\n", train_loader.num_tokens, val_loader.num_tokens);
+    int have_tokenizer = run_open_tokenizer(&tokenizer, &args, &comm);
+    RunLog log = run_log_open(&args, cfg, &start, &comm);
+    char threads[128] = "";
 #ifdef OMP
-    printf0("| OpenMP threads        | %d per process\n", omp_get_max_threads());
+    snprintf(threads, sizeof(threads), "| OpenMP threads        | %d per process", omp_get_max_threads());
 #endif
-    printf0("+-----------------------+----------------------------------------------------+\n");
+    print_run_table(&args, cfg, &start, W, train_loader.num_tokens, val_loader.num_tokens, threads[0] ? threads : NULL);
 
-    int E = cfg->num_experts > 1 ? cfg->num_experts : 0;
-    int Lm = num_moe_layers(cfg);
+    TrainState state = start.state;
     int* gen_tokens = (int*)mallocCheck(args.genT * sizeof(int));
-    long long* load = (long long*)callocCheck(E > 0 ? E : 1, sizeof(long long));
-    int start_step = resume_step >= 0 ? state.step : 0;
-    if (resume_step >= 0) { printf0("resumed from step %d (%s)\n", resume_step, model_path); }
-    double total_ms = 0.0;
-    for (int step = start_step; step <= args.max_steps; step++) {
+    long long* load = (long long*)callocCheck(log.E > 0 ? log.E : 1, sizeof(long long));
+    for (int step = start.state.step; step <= args.max_steps; step++) {
         int last_step = step == args.max_steps;
 
-        if (args.val_every > 0 && (step % args.val_every == 0 || last_step)) {
-            double val_loss = 0.0;
-            dataloader_reset(&val_loader);
-            for (int i = 0; i < args.val_steps; i++) {
-                dataloader_next_batch(&val_loader);
-                gpt2_forward(&model, val_loader.inputs, val_loader.targets, B, T);
-                val_loss += model.mean_loss;
-            }
-            val_loss = mean_over_ranks(val_loss / args.val_steps, &comm);
-            printf0("val loss %.6f\n", val_loss);
-            if (logfile) { fprintf(logfile, "s:%d tel:%.6f\n", step, val_loss); fflush(logfile); }
+        if (every_step(step, args.val_every, last_step)) {
+            log_val(&log, step, gpt2_validate(&model, &val_loader, args.val_steps), &comm);
         }
-
-        if (args.sample_every > 0 && step > 0 && (step % args.sample_every == 0 || last_step)) {
-            // every rank generates (the MoE layers are collective), rank 0 prints
-            int n = gpt2_generate(&model, gen_tokens, args.genT, 50256, &state.rng);
-            printf0("generating:\n---\n");
-            for (int i = 0; i < n && comm.rank == 0; i++) {
-                if (have_tokenizer) { safe_printf(tokenizer_decode(&tokenizer, gen_tokens[i])); }
-                else { printf("%d ", gen_tokens[i]); }
-            }
-            printf0("\n---\n");
-            fflush(stdout);
+        if (step > 0 && every_step(step, args.sample_every, last_step)) {
+            int n = gpt2_generate(&model, gen_tokens, args.genT, GPT2_EOT, &state.rng);
+            print_sample(&tokenizer, have_tokenizer, gen_tokens, n);
         }
-
-        if (args.output_dir != NULL && step > start_step && (last_step || (args.ckpt_every > 0 && step % args.ckpt_every == 0))) {
-            char path[4096];
-            snprintf(path, sizeof(path), "%s/model_%08d.bin", args.output_dir, step);
-            gpt2_write_checkpoint(&model, path);
+        if (args.output_dir != NULL && step > start.state.step && (last_step || every_step(step, args.ckpt_every, 0))) {
             state.step = step;
             state.data = dataloader_position(&train_loader);
-            state_path(path, sizeof(path), args.output_dir, step, comm.rank);
-            state_write(&model, &state, path);
+            gpt2_save(&model, args.output_dir, &state);
             printf0("wrote checkpoint %s/model_%08d.bin and its training state\n", args.output_dir, step);
         }
         if (last_step) { break; }
 
+        // one optimizer step: grad_accum micro-batches, gradients summed over ranks, AdamW
         double t0 = now_seconds();
+        StepStats st;
+        step_stats_begin(&st, load, log.E);
         gpt2_zero_grad(&model);
         model.step = step;
-        lsh_stats_reset(&model.lsh_stats);
-        double ce = 0.0, lb = 0.0, z = 0.0, dropped = 0.0;
-        long long a2a[8] = {0}; // rows: sent then received, for the four all-to-alls
-        double wire[2] = {0.0, 0.0}; // rows crossing ranks per all-to-all: uncompressed, as sent
-        for (int e = 0; e < E; e++) { load[e] = 0; }
         for (int micro = 0; micro < grad_accum; micro++) {
             dataloader_next_batch(&train_loader);
             gpt2_forward(&model, train_loader.inputs, train_loader.targets, B, T);
             gpt2_backward(&model, 1.0f / (grad_accum * W));
-            ce += model.mean_loss / grad_accum;
-            lb += model.lb_loss / grad_accum;
-            z += model.z_loss / grad_accum;
-            dropped += model.dropped_slots;
-            for (int i = 0; i < 4; i++) { a2a[i] += model.a2a_sent[i]; a2a[4 + i] += model.a2a_recv[i]; }
-            wire[0] += model.wire_rows[0];
-            wire[1] += model.wire_rows[1];
-            for (int m = 0; m < Lm; m++) { // counts of the whole batch: every rank has them
-                for (int q = 0; q < W; q++) {
-                    for (int e = 0; e < E; e++) { load[e] += model.routing.counts[((size_t)m * W + q) * E + e]; }
-                }
-            }
+            step_stats_add(&st, model.mean_loss, model.lb_loss, model.z_loss, grad_accum, &model.stats,
+                           model.routing.counts, log.Lm, W, log.E);
         }
         gpt2_allreduce_grads(&model);
-        float lr = learning_rate_at(step, args.max_steps, args.lr, args.warmup, args.final_lr_frac);
-        float norm = gpt2_update(&model, lr, 0.9f, 0.95f, 1e-8f, args.weight_decay, args.grad_clip, step + 1);
-        allreduce_doubles(wire, 2, &comm); // over all ranks: what the step moved between ranks
-        double wire_mb[2] = {wire[0] * cfg->channels * 4 / 1e6, wire[1] * cfg->channels * 4 / 1e6}; // fp32 rows, per all-to-all
-        ce = mean_over_ranks(ce, &comm);
-        lb = mean_over_ranks(lb, &comm);
-        z = mean_over_ranks(z, &comm);
-        double sent_mb[4], recv_mb[4], sent_total = 0.0;
-        for (int i = 0; i < 4; i++) { // this rank's bytes to and from other ranks
-            sent_mb[i] = a2a[i] * (double)cfg->channels * sizeof(float) / 1e6;
-            recv_mb[i] = a2a[4 + i] * (double)cfg->channels * sizeof(float) / 1e6;
-            sent_total += sent_mb[i];
-        }
-        double ms = (now_seconds() - t0) * 1000.0;
-        if (step > start_step) { total_ms += ms; } // the first step pays for allocation
-        double total = ce + args.aux_w * lb + args.z_w * z;
-        printf0("step %4d/%d | loss %.6f | ce %.4f", step + 1, args.max_steps, total, ce);
-        if (E > 0) {
-            long long slots = (long long)grad_accum * B * T * W * cfg->top_k * Lm;
-            // per layer means of the aux losses; each expert's load relative to a uniform split
-            printf0(" lb %.3f z %.2f drop %.1f%% | load/uniform", lb / Lm, z / Lm, 100.0 * dropped / slots);
-            for (int e = 0; e < E; e++) { printf0(" %.2f", (double)load[e] * E / slots); }
-            if (W > 1) { printf0(" | a2a %.2f MB sent", sent_total); }
-            if (args.lsh_L > 0) {
-                printf0(" | lsh rate %.3f bucket %.1f err %.3f | wire %.2f of %.2f MB", lsh_stats_rate(&model.lsh_stats),
-                        lsh_stats_bucket_mean(&model.lsh_stats), lsh_stats_rel_error(&model.lsh_stats), wire_mb[1], wire_mb[0]);
-            }
-        }
-        printf0(" | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", norm, lr, ms, args.total_batch / (ms / 1000.0));
-        if (logfile) {
-            fprintf(logfile, "s:%d trl:%.6f ce:%.6f lb:%.6f z:%.6f drop:%.0f norm:%.4f lr:%.6e ms:%.2f", step, total, ce, lb, z, dropped, norm, lr, ms);
-            if (E > 0 && W * args.sources > 1) { // crossing ranks (real or simulated), MB per all-to-all
-                fprintf(logfile, " wire_mb:%.4f wire_mb_uncompressed:%.4f", wire_mb[1], wire_mb[0]);
-            }
-            if (args.lsh_L > 0) { // rank 0's LSH: centroids / rows, ||x - c|| / ||x||, seconds in lshmoe.h
-                const LSHStats* ls = &model.lsh_stats;
-                fprintf(logfile, " lsh_rate:%.4f lsh_bucket:%.3f lsh_err:%.4f lsh_ms:%.2f", lsh_stats_rate(ls),
-                        lsh_stats_bucket_mean(ls), lsh_stats_rel_error(ls),
-                        1000.0 * (ls->t_hash + ls->t_bucket + ls->t_centroid + ls->t_compensate + ls->t_backward));
-            }
-            if (W > 1 && E > 0) { // rank 0's traffic in MB: dispatch, combine, combine-backward, dispatch-backward
-                fprintf(logfile, " a2a_sent_mb:%.3f,%.3f,%.3f,%.3f a2a_recv_mb:%.3f,%.3f,%.3f,%.3f",
-                        sent_mb[0], sent_mb[1], sent_mb[2], sent_mb[3], recv_mb[0], recv_mb[1], recv_mb[2], recv_mb[3]);
-            }
-            fprintf(logfile, "\n");
-            fflush(logfile);
-        }
+        step_stats_reduce(&st, &comm);
+        st.norm = gpt2_grad_norm(&model);
+        check_step_finite(step, &st, &comm);
+        st.lr = learning_rate_at(step, args.max_steps, args.lr, args.warmup, args.final_lr_frac);
+        gpt2_update(&model, st.lr, args.beta1, args.beta2, 1e-8f, args.weight_decay, grad_clip_scale(st.norm, args.grad_clip), step + 1);
+        st.ms = (now_seconds() - t0) * 1000.0;
+        if (step > start.state.step) { log.total_ms += st.ms; log.timed_steps++; } // the first pays for allocation
+        log_step(&log, step, &st);
     }
-    int timed = args.max_steps - start_step - 1;
-    if (timed > 0) { printf0("average step %.1f ms over %d steps (the first excluded)\n", total_ms / timed, timed); }
 
-    if (logfile) { fclose(logfile); }
+    run_log_close(&log);
     if (have_tokenizer) { tokenizer_free(&tokenizer); }
     dataloader_free(&train_loader);
     dataloader_free(&val_loader);

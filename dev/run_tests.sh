@@ -22,9 +22,27 @@ if "$PYTHON" -c "import torch" 2>/dev/null; then
 else
     echo "skip reference-regeneration (no torch for $PYTHON: using the states committed in dev/reference/states)" | tee -a "$log"
 fi
-# 2. the C suites: fp32 against PyTorch and the rest, fp64 finite differences
+# 2. the C suites: fp32 against PyTorch and the rest, fp64 finite differences, the headers' own
 run ./test_moe
 run ./test_moe_f64
+run ./dev/test_dataloader
+run ./dev/test_lshmoe
+# the same programs under AddressSanitizer + UBSan, one line each: every check passed and the
+# sanitizers reported nothing (one thread: forked children of a threaded process make
+# LeakSanitizer warn about threads it cannot suspend)
+for t in ./test_moe_asan ./dev/test_dataloader_asan ./dev/test_lshmoe_asan; do
+    out=$(OMP_NUM_THREADS=1 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$t" 2>&1)
+    rc=$?
+    summary=$(echo "$out" | tail -1)
+    reports=$(echo "$out" | grep -c -E 'runtime error|ERROR: (Address|Leak)Sanitizer')
+    if [ $rc -eq 0 ] && [ "$reports" -eq 0 ] && echo "$summary" | grep -q ' 0 failed$'; then
+        echo "ok   sanitizers/${t##*/} $summary, no ASan/UBSan/LSan report" | tee -a "$log"
+    else
+        echo "FAIL sanitizers/${t##*/} exit $rc, $reports sanitizer reports, last line: $summary" | tee -a "$log"
+        echo "$out" | grep -E -A5 'runtime error|Sanitizer|^FAIL' | head -40
+        status=1
+    fi
+done
 # 3. the tokenizer against tiktoken (skips itself when tiktoken is missing)
 run "$PYTHON" dev/data/check_tokenizer.py
 # 4. the trainer binary: flags, bad input, resume

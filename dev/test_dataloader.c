@@ -1,28 +1,13 @@
 /*
-Tests of dataloader.h, written as test_dataloader() for pasting into test_moe.c (which includes
-dataloader.h and defines tests_passed, tests_failed and check()). Standalone:
-  gcc -O2 -Wall -Wextra -DDATALOADER_TEST_MAIN -I. dev/test_dataloader_snippet.c -o /tmp/tdl && /tmp/tdl
+Tests of dataloader.h: shard checks, sharding across ranks, shuffling, resume, bad shards. A
+program of its own (the Makefile builds dev/test_dataloader; dev/run_tests.sh runs it):
+  make dev/test_dataloader && ./dev/test_dataloader
 It writes small shards into a mkdtemp directory under /tmp and removes them at the end. The
 exiting paths (dataloader_init on a bad shard, a bad token met by dataloader_next_batch, a bad
 resume position) run in a forked child whose stderr is captured. POSIX only.
 */
-#ifdef DATALOADER_TEST_MAIN
-#ifndef _POSIX_C_SOURCE
-#define _POSIX_C_SOURCE 200809L // mkdtemp under strict -std=c99 (test_moe.c builds with gnu99)
-#endif
-#include <stdarg.h>
 #include "dataloader.h"
-static int tests_passed, tests_failed;
-static void check(int cond, const char* name, const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    printf("%s %s ", cond ? "ok  " : "FAIL", name);
-    vprintf(fmt, args);
-    printf("\n");
-    va_end(args);
-    if (cond) { tests_passed++; } else { tests_failed++; }
-}
-#endif
+#include "testing.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -106,48 +91,20 @@ static int dl_pos_eq(DataLoaderPosition a, int64_t epoch, int64_t shard_idx, int
     return a.epoch == epoch && a.shard_idx == shard_idx && a.sample_idx == sample_idx;
 }
 
-// Runs fn(arg) in a child with stderr captured into msg; returns its exit status (0 if fn
-// returned, -1 if it did not exit normally).
-static int dl_run_child(void (*fn)(const char*), const char* arg, char* msg, size_t msglen) {
-    int fds[2];
-    msg[0] = '\0';
-    if (pipe(fds) != 0) { return -1; }
-    fflush(stdout);
-    fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0) { close(fds[0]); close(fds[1]); return -1; }
-    if (pid == 0) {
-        close(fds[0]);
-        dup2(fds[1], 2);
-        close(fds[1]);
-        fn(arg);
-        _exit(0);
-    }
-    close(fds[1]);
-    size_t len = 0;
-    ssize_t r;
-    while (len + 1 < msglen && (r = read(fds[0], msg + len, msglen - 1 - len)) > 0) { len += (size_t)r; }
-    msg[len] = '\0';
-    close(fds[0]);
-    int status;
-    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) { return -1; }
-    return WEXITSTATUS(status);
-}
-
-static void dl_child_init(const char* pattern) {
+static void dl_child_init(const void* pattern) {
     DataLoader loader;
     dataloader_init(&loader, pattern, 2, 4, 0, 1, 0, 0, DL_VOCAB);
     dataloader_free(&loader);
 }
 
-static void dl_child_read_epoch(const char* pattern) {
+static void dl_child_read_epoch(const void* pattern) {
     DataLoader loader;
     dataloader_init(&loader, pattern, 2, 4, 0, 1, 0, 0, DL_VOCAB);
     for (size_t k = 0; k < loader.num_batches; k++) { dataloader_next_batch(&loader); }
     dataloader_free(&loader);
 }
 
-static void dl_child_resume(const char* pattern) {
+static void dl_child_resume(const void* pattern) {
     DataLoader loader;
     dataloader_init(&loader, pattern, 2, 4, 0, 1, 1, 0, DL_VOCAB);
     DataLoaderPosition pos = {0, 0, 999};
@@ -155,19 +112,9 @@ static void dl_child_resume(const char* pattern) {
     dataloader_free(&loader);
 }
 
-// exits with EXIT_FAILURE, one line on stderr, starting "dataloader: " and containing want1, want2
-static void dl_check_exits(const char* name, void (*fn)(const char*), const char* arg,
-                           const char* want1, const char* want2) {
-    char msg[2048];
-    int status = dl_run_child(fn, arg, msg, sizeof(msg));
-    size_t len = strlen(msg);
-    int lines = 0;
-    for (size_t i = 0; i < len; i++) { lines += msg[i] == '\n'; }
-    int one_line = lines == 1 && len > 0 && msg[len - 1] == '\n';
-    if (len > 0 && msg[len - 1] == '\n') { msg[len - 1] = '\0'; }
-    check(status == EXIT_FAILURE && one_line && strncmp(msg, "dataloader: ", 12) == 0 &&
-          strstr(msg, want1) != NULL && strstr(msg, want2) != NULL,
-          name, "exit %d, %d line(s): %s", status, lines, msg);
+// exits with EXIT_FAILURE, one line on stderr, "error: dataloader: ..." containing want1, want2
+static void dl_check_exits(const char* name, void (*fn)(const void*), const char* arg, const char* want1, const char* want2) {
+    check_exits(name, fn, arg, "error: dataloader: ", want1, want2);
 }
 
 // shard_check (or shard_check_tokens when vocab_size > 0) gives `code` and names the file
@@ -448,7 +395,7 @@ static void test_dataloader(void) {
         dl_check_exits("dataloader_init_exits_no_match", dl_child_init, pattern, "nothing_*.bin", "no files match");
         snprintf(pattern, sizeof(pattern), "%s/good.bin", dl_dir);
         char msg[2048];
-        int status = dl_run_child(dl_child_read_epoch, pattern, msg, sizeof(msg));
+        int status = run_in_child(dl_child_read_epoch, pattern, msg, sizeof(msg));
         check(status == 0 && msg[0] == '\0', "dataloader_child_good", "exit %d %s", status, msg);
         snprintf(pattern, sizeof(pattern), "%s/vocab.bin", dl_dir);
         dl_check_exits("dataloader_read_exits_bad_token", dl_child_read_epoch, pattern, "vocab.bin", "position 77");
@@ -460,10 +407,7 @@ static void test_dataloader(void) {
     if (rmdir(dl_dir) != 0) { perror(dl_dir); }
 }
 
-#ifdef DATALOADER_TEST_MAIN
 int main(void) {
     test_dataloader();
-    printf("%d passed, %d failed\n", tests_passed, tests_failed);
-    return tests_failed == 0 ? 0 : 1;
+    return test_summary();
 }
-#endif

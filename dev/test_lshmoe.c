@@ -1,28 +1,15 @@
 /*
-Tests of lshmoe.h, written as test_lshmoe() for pasting into test_moe.c (which includes lshmoe.h
-and defines tests_passed, tests_failed and check()). Standalone:
-  gcc -O2 -Wall -Wextra -DLSHMOE_TEST_MAIN -I. dev/test_lshmoe_snippet.c -o /tmp/tl -lm && /tmp/tl
+Tests of lshmoe.h, a program of its own (the Makefile builds dev/test_lshmoe with the trainers'
+CFLAGS; dev/run_tests.sh runs it):
+  make dev/test_lshmoe && ./dev/test_lshmoe
 The toy expert is y = tanh(W c + b), C -> C. Random data come from the test's own generator (an
 MMIX LCG with Marsaglia's polar method), independent of the library's splitmix64 + Box-Muller.
 The golden values below were computed by a pure-Python transcription of definitions 1-2 of the
 header comment (math.log, math.cos, struct for the float32 rounding); they matched bit for bit.
-Bit-exact checks assume IEEE arithmetic; under TEST_F64 (float -> double) they still hold.
+Bit-exact checks assume IEEE arithmetic.
 */
-#ifdef LSHMOE_TEST_MAIN
-#include <stdarg.h>
-#include <stdlib.h>
 #include "lshmoe.h"
-static int tests_passed, tests_failed;
-static void check(int cond, const char* name, const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    printf("%s %s ", cond ? "ok  " : "FAIL", name);
-    vprintf(fmt, args);
-    printf("\n");
-    va_end(args);
-    if (cond) { tests_passed++; } else { tests_failed++; }
-}
-#endif
+#include "testing.h"
 
 #include <float.h>
 #include <math.h>
@@ -696,10 +683,7 @@ static void test_lshmoe(void) {
     }
 }
 
-#ifdef LSHMOE_TEST_MAIN
 int main(void) {
     test_lshmoe();
-    printf("%d passed, %d failed\n", tests_passed, tests_failed);
-    return tests_failed == 0 ? 0 : 1;
+    return test_summary();
 }
-#endif

@@ -81,3 +81,27 @@ done
 for w in 2 4; do
     grep -h "a2a" "$tmp/w${w}_cf0/main.log" | head -1 | grep -o "a2a_sent.*" | sed "s/^/     W=$w rank 0, step 0, MB per all-to-all (dispatch, combine, their backwards): /"
 done
+
+# 5. resume under MPI: the ranks agree on the newest checkpoint every rank can load. A W=2 run
+# with checkpoints at 3 and 6, copied with rank 1's state of step 6 deleted, resumes both ranks
+# from step 3 and reproduces the uninterrupted run; resumed with W=4 it stops with one line that
+# names the rank without a state file, without hanging
+RUN2="-e d4 -E 4 -K 2 -b 1 -t 32 -x 6 -n 3 -v 0 -s 0 -l 1e-3"
+notime() { sed -E 's/ ms:[0-9.]+//' "$1"; }
+if timeout 300 $MPIRUN -np 2 ./train_gpt2_moe_mpi $RUN2 -o "$tmp/r2" >"$tmp/r2.out" 2>&1; then
+    mkdir -p "$tmp/r2b"
+    cp "$tmp/r2/"* "$tmp/r2b/"
+    rm "$tmp/r2b/state_00000006_00001.bin"
+    timeout 300 $MPIRUN -np 2 ./train_gpt2_moe_mpi $RUN2 -o "$tmp/r2b" -y 1 >"$tmp/r2b.out" 2>"$tmp/r2b.err"
+    rc=$?
+    if [ $rc -eq 0 ] && grep -q "resumed from step 3" "$tmp/r2b.out" && grep -q "step 6 .*incomplete" "$tmp/r2b.err" &&
+       [ "$(notime "$tmp/r2/main.log")" = "$(notime "$tmp/r2b/main.log")" ] && cmp -s "$tmp/r2/model_00000006.bin" "$tmp/r2b/model_00000006.bin"; then
+        echo "ok   mpi/resume_agrees_on_step both ranks resumed from step 3 (rank 1 had no state for 6); main.log and model_00000006.bin equal the uninterrupted run's"
+    else
+        echo "FAIL mpi/resume_agrees_on_step exit $rc: $(grep -h 'resumed\|error\|warning' "$tmp/r2b.out" "$tmp/r2b.err" | head -3)"
+    fi
+    expect_error resume_with_more_ranks "rank 2: flag -y 1: no checkpoint (model_\*.bin with state_\*_00002.bin)" \
+        $MPIRUN -np 4 ./train_gpt2_moe_mpi -e d4 -E 4 -K 2 -b 1 -t 32 -x 6 -n 3 -v 0 -s 0 -l 1e-3 -o "$tmp/r2" -y 1
+else
+    echo "FAIL mpi/resume_agrees_on_step first run failed: $(tail -2 "$tmp/r2.out")"
+fi
