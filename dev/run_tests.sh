@@ -53,7 +53,9 @@ if [ -x ./test_moe_mpi ] && [ -x ./train_gpt2_moe_mpi ]; then
 else
     echo "skip mpi (no mpicc: apt-get install libopenmpi-dev openmpi-bin)" | tee -a "$log"
 fi
-# 6. GPU tests are not run here
+# 6. every file reader under libFuzzer (ASan + UBSan), 15 s each (skips itself without clang)
+run bash dev/fuzz/run.sh "${FUZZ_SECONDS:-15}"
+# 7. GPU tests are not run here
 echo "skip test-gpu (no GPU on this machine: run make test-gpu on the device)" | tee -a "$log"
 
 passed=$(grep -c '^ok' "$log")
