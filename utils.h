@@ -40,31 +40,33 @@ rather than exited on, so that comm_check_all (comm.h) can stop every rank with 
 static int process_rank = 0;
 #define printf0(...) do { if (process_rank == 0) { printf(__VA_ARGS__); } } while (0)
 
+// one line on stderr: "error: " or "warning: ", the rank when it is not 0, the message
+static inline void print_line(const char* kind, const char* fmt, va_list args) {
+    fflush(stdout);
+    fprintf(stderr, "%s: ", kind);
+    if (process_rank > 0) { fprintf(stderr, "rank %d: ", process_rank); }
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+}
+
 // Errors print one line and exit non-zero. While every rank runs the same checks on the same
 // input (flags, config), only rank 0 prints, so W processes give one line, not W.
 static int errors_on_every_rank = 0; // set where ranks can fail for different reasons
 static inline void fail_exit(const char* fmt, ...) {
     if (process_rank == 0 || errors_on_every_rank) {
-        fflush(stdout);
         va_list args;
         va_start(args, fmt);
-        fprintf(stderr, "error: ");
-        if (process_rank > 0) { fprintf(stderr, "rank %d: ", process_rank); }
-        vfprintf(stderr, fmt, args);
-        fprintf(stderr, "\n");
+        print_line("error", fmt, args);
         va_end(args);
     }
     exit(EXIT_FAILURE);
 }
 
-// a warning never stops the run; it goes to stderr with the rank when there are several
+// a warning never stops the run
 static inline void warn(const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "warning: ");
-    if (process_rank > 0) { fprintf(stderr, "rank %d: ", process_rank); }
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
+    print_line("warning", fmt, args);
     va_end(args);
 }
 

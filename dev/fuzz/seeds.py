@@ -60,22 +60,10 @@ state = header(20241113, 1, 7, 0, 1) + struct.pack("<5q", n, 1, 0, 3, 99) + floa
 write("state", "valid16", state)
 write("state", "truncated", state[:-6])
 
-# tokenizer files: GPT-2's byte alphabet, two merges, <|endoftext|>
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    k = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + k)
-            k += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-alphabet = bytes_to_unicode()
-vocab = {alphabet[b]: b for b in range(256)}
-merges = [("h", "e"), ("l", "l"), ("\u0120", "t")]
+# tokenizer files: GPT-2's 256 byte tokens (ids 0-255 of its encoder.json), two merges, <|endoftext|>
+gpt2 = json.load(open(os.path.join(os.path.dirname(__file__), "..", "..", "data", "gpt2", "encoder.json"), encoding="utf-8"))
+vocab = {tok: i for tok, i in gpt2.items() if i < 256}
+merges = [("h", "e"), ("l", "l")]
 for i, (a, b) in enumerate(merges):
     vocab[a + b] = 256 + i
 vocab["<|endoftext|>"] = 256 + len(merges)
