@@ -30,11 +30,20 @@ run ./dev/test_lshmoe
 # the same programs under AddressSanitizer + UBSan, one line each: every check passed and the
 # sanitizers reported nothing (one thread: forked children of a threaded process make
 # LeakSanitizer warn about threads it cannot suspend)
-for t in ./test_moe_asan ./dev/test_dataloader_asan ./dev/test_lshmoe_asan; do
+sanitized="./test_moe_asan ./dev/test_dataloader_asan ./dev/test_lshmoe_asan"
+# the CUDA-on-CPU layer (dev/cuda/cuda_emu.h): its tests, and again under the sanitizers
+if [ -x ./dev/cuda/test_emu ]; then
+    run ./dev/cuda/test_emu
+    sanitized="$sanitized ./dev/cuda/test_emu_asan"
+else
+    echo "skip cuda-emulation (no CUDA toolkit headers: cuda_runtime.h and cuda_bf16.h are needed)" | tee -a "$log"
+fi
+for t in $sanitized; do
     out=$(OMP_NUM_THREADS=1 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$t" 2>&1)
     rc=$?
     summary=$(echo "$out" | tail -1)
-    reports=$(echo "$out" | grep -c -E 'runtime error|ERROR: (Address|Leak)Sanitizer')
+    reports=$(echo "$out" | grep -v -E '^(ok|FAIL) ' | grep -c -E 'runtime error|ERROR: (Address|Leak)Sanitizer')
+    echo "$out" | grep -E '^(ok|FAIL) +emu/asan/' | tee -a "$log" # the overruns only this build can catch
     if [ $rc -eq 0 ] && [ "$reports" -eq 0 ] && echo "$summary" | grep -q ' 0 failed$'; then
         echo "ok   sanitizers/${t##*/} $summary, no ASan/UBSan/LSan report" | tee -a "$log"
     else
@@ -43,6 +52,18 @@ for t in ./test_moe_asan ./dev/test_dataloader_asan ./dev/test_lshmoe_asan; do
         status=1
     fi
 done
+# the compile gate for CUDA code: nvcc for sm_80 and sm_90, ptxas spills and local memory as errors
+if [ -n "${NVCC:-}" ]; then
+    if make -s dev/cuda/test_emu_gpu >"$log.nvcc" 2>&1; then
+        echo "ok   nvcc/test_emu compiles for sm_80 and sm_90 with no register spill or local memory" | tee -a "$log"
+    else
+        echo "FAIL nvcc/test_emu does not compile: $(head -c 400 "$log.nvcc")" | tee -a "$log"
+        status=1
+    fi
+    rm -f "$log.nvcc"
+else
+    echo "skip nvcc (not found: the CUDA compile gate needs the toolkit)" | tee -a "$log"
+fi
 # 3. the tokenizer against tiktoken (skips itself when tiktoken is missing)
 run "$PYTHON" dev/data/check_tokenizer.py
 # 4. the trainer binary: flags, bad input, resume
