@@ -311,6 +311,9 @@ static inline int checkpoint_open(const char* path, GPT2Config* c, int* bf16, FI
     *fp = fopen(path, "rb");
     if (*fp == NULL) { snprintf(err, errlen, "%s: cannot open checkpoint: %s", path, strerror(errno)); return -1; }
     int header[256];
+    char cerr[256];
+    size_t sizes[NUM_PARAMETER_TENSORS], expected;
+    long actual;
     memset(c, 0, sizeof(*c));
     *bf16 = 0;
     if (fread(header, sizeof(int), 256, *fp) != 256) {
@@ -342,13 +345,11 @@ static inline int checkpoint_open(const char* path, GPT2Config* c, int* bf16, FI
     c->num_heads = header[5];
     c->channels = header[6];
     c->padded_vocab_size = header[7];
-    char cerr[256];
     if (gpt2_config_check(c, cerr, sizeof(cerr)) != 0) { snprintf(err, errlen, "%s: bad header: %s", path, cerr); goto fail; }
-    size_t sizes[NUM_PARAMETER_TENSORS];
     fill_in_parameter_sizes(sizes, c, experts_per_rank(c, 1));
-    size_t expected = 256 * sizeof(int) + count_parameters(sizes) * (*bf16 ? 2 : 4);
+    expected = 256 * sizeof(int) + count_parameters(sizes) * (*bf16 ? 2 : 4);
     fseek(*fp, 0, SEEK_END);
-    long actual = ftell(*fp);
+    actual = ftell(*fp);
     fseek(*fp, 256 * sizeof(int), SEEK_SET);
     if (actual < 0 || (size_t)actual != expected) {
         snprintf(err, errlen, "%s: file has %ld bytes but its header describes %zu (%s)", path, actual, expected,
@@ -415,6 +416,8 @@ static inline int checkpoint_load(const char* path, const GPT2Config* upcycle, f
     int bf16;
     FILE* fp;
     float* dense = NULL;
+    float* target;
+    size_t sizes[NUM_PARAMETER_TENSORS], file_sizes[NUM_PARAMETER_TENSORS];
     *memory = NULL;
     if (checkpoint_open(path, &fc, &bf16, &fp, err, errlen) != 0) { return -1; }
     int upcycling = upcycle != NULL && upcycle->num_experts > 1 && fc.num_experts <= 1;
@@ -425,10 +428,9 @@ static inline int checkpoint_load(const char* path, const GPT2Config* upcycle, f
         snprintf(err, errlen, "%s: E=%d experts cannot be split evenly over W=%d processes", path, c->num_experts, W);
         goto fail;
     }
-    size_t sizes[NUM_PARAMETER_TENSORS], file_sizes[NUM_PARAMETER_TENSORS];
     fill_in_parameter_sizes(sizes, c, experts_per_rank(c, W));
     fill_in_parameter_sizes(file_sizes, &fc, experts_per_rank(&fc, W));
-    float* target = (float*)callocCheck(count_parameters(file_sizes), sizeof(float));
+    target = (float*)callocCheck(count_parameters(file_sizes), sizeof(float));
     if (upcycling) { dense = target; } else { *memory = target; }
     if (checkpoint_read_params(target, file_sizes, fp, path, &fc, bf16, rank, W, err, errlen) != 0) { goto fail; }
     fclose(fp);
@@ -542,6 +544,7 @@ static inline int state_read(const char* path, TrainState* s, int expected_step,
     if (fp == NULL) { snprintf(err, errlen, "%s: cannot open training state: %s", path, strerror(errno)); return -1; }
     int header[256];
     int64_t fields[5];
+    size_t bad_m, bad_v;
     if (fread(header, sizeof(int), 256, fp) != 256 || fread(fields, sizeof(int64_t), 5, fp) != 5) {
         snprintf(err, errlen, "%s: truncated training state header", path);
         goto fail;
@@ -577,7 +580,8 @@ static inline int state_read(const char* path, TrainState* s, int expected_step,
         goto fail;
     }
     fclose(fp);
-    size_t bad_m = first_nonfinite(m, n), bad_v = first_nonfinite(v, n);
+    bad_m = first_nonfinite(m, n);
+    bad_v = first_nonfinite(v, n);
     for (size_t i = 0; i < n && bad_v == n; i++) { if (v[i] < 0.0f) { bad_v = i; } }
     if (bad_m < n || bad_v < n) {
         snprintf(err, errlen, "%s: AdamW moments not finite (m[%zu] = %g) or v negative (v[%zu] = %g)", path,

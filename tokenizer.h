@@ -289,7 +289,7 @@ static int tok_load_encoder(Tokenizer* t, const char* path, const int16_t* cp_to
     TokParser p = { path, s, n, 0, err, err_size };
     int rc = -1;
     // every token's bytes are no longer than its spelling, so the file size bounds them all
-    size_t cap = 1024; uint32_t count = 0;
+    size_t cap = 1024; uint32_t count = 0, slots; // (declared before the first goto: C++ compiles this too)
     uint32_t* ids = (uint32_t*)malloc(cap * sizeof(uint32_t));
     uint32_t* offsets = (uint32_t*)malloc(cap * sizeof(uint32_t));
     uint32_t* lengths = (uint32_t*)malloc(cap * sizeof(uint32_t));
@@ -361,7 +361,7 @@ static int tok_load_encoder(Tokenizer* t, const char* path, const int16_t* cp_to
     t->token_bytes = bytes; bytes = NULL;
 
     // hash map for encoding; a repeated token string would make encoding ambiguous
-    uint32_t slots = 1;
+    slots = 1;
     while (slots < 2 * count) { slots *= 2; }
     t->vocab_mask = slots - 1;
     t->vocab_slots = (uint32_t*)calloc(slots, sizeof(uint32_t));
@@ -411,11 +411,11 @@ static int tok_check_merges(Tokenizer* t, const char* path, const int16_t* cp_to
     unsigned char* buf = (unsigned char*)malloc(n + 1);
     int rc = -1;
     char ex[64];
-    if (buf == NULL) { tok_error(err, err_size, path, "out of memory"); goto done; }
-    if (n == 0) { tok_error(err, err_size, path, "empty file, expected '#version: 0.2' on the first line"); goto done; }
     uint32_t expected = t->vocab_size - 257; // everything but the 256 bytes and <|endoftext|>
     uint32_t rank = 0;
     size_t line_no = 0, blank_line = 0;
+    if (buf == NULL) { tok_error(err, err_size, path, "out of memory"); goto done; }
+    if (n == 0) { tok_error(err, err_size, path, "empty file, expected '#version: 0.2' on the first line"); goto done; }
     for (size_t start = 0; start < n;) {
         const unsigned char* nl = (const unsigned char*)memchr(s + start, '\n', n - start);
         size_t end = nl ? (size_t)(nl - s) : n, next = nl ? end + 1 : n;
