@@ -30,8 +30,11 @@ HAVE_CUDA_HEADERS := $(shell test -f $(CUDA_INCLUDE)/cuda_bf16.h && echo yes)
 GPU_ARCHS ?= 80 90
 NVCC_FLAGS = -O3 -std=c++17 $(foreach a,$(GPU_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
              -Xptxas=-warn-spills,-warn-lmem-usage -Werror all-warnings -I.
-EMU_FLAGS = -std=c++17 -O2 -Wall -Wno-unknown-pragmas -fopenmp -DCUDA_EMULATION -I. -I$(CUDA_INCLUDE)
+EMU_FLAGS = -std=c++17 -O3 -march=native -fno-math-errno -fno-trapping-math -fno-signed-zeros -fassociative-math \
+            -Wall -Wno-unknown-pragmas -fopenmp -DCUDA_EMULATION -I. -I$(CUDA_INCLUDE)
 EMU_HEADERS = cuda_common.h dev/cuda/cuda_emu.h utils.h dev/testing.h
+GPU_SOURCES = train_gpt2_moe.cu matmul.cuh cuda_common.h $(HEADERS)
+GPU_LIBS = -lcublasLt -lcublas
 
 .PHONY: all run test test-gpu bench bench-cpu data clean
 
@@ -75,7 +78,29 @@ dev/cuda/test_emu_asan: dev/cuda/test_emu.cu $(EMU_HEADERS)
 	$(CXX) $(EMU_FLAGS) $(SANITIZE) -O1 -x c++ $< -o $@ -lm
 dev/cuda/test_emu_gpu: dev/cuda/test_emu.cu cuda_common.h utils.h dev/testing.h
 	$(NVCC) $(NVCC_FLAGS) -x cu $< -o $@
-EMU_TARGETS := $(if $(HAVE_CUDA_HEADERS),dev/cuda/test_emu dev/cuda/test_emu_asan,)
+
+# the GPU trainer: nvcc for a real GPU; through the emulation for the CPU (bf16, and fp32 for tests)
+train_gpt2_moe: $(GPU_SOURCES)
+ifeq ($(NVCC),)
+	@echo "nvcc not found: the GPU trainer needs the CUDA toolkit (train_gpt2_moe_emu runs it on the CPU)" && false
+else
+	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp -x cu $< -o $@ $(GPU_LIBS) -lgomp
+endif
+train_gpt2_moe_emu: $(GPU_SOURCES) dev/cuda/cuda_emu.h
+	$(CXX) $(EMU_FLAGS) -x c++ $< -o $@ -lm
+train_gpt2_moe_emu_fp32: $(GPU_SOURCES) dev/cuda/cuda_emu.h
+	$(CXX) $(EMU_FLAGS) -DENABLE_FP32 -x c++ $< -o $@ -lm
+
+# its tests against the CPU trainer: emulated in fp32 and bf16, under ASan + UBSan, and by nvcc
+test_moe_emu: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) $(EMU_HEADERS)
+	$(CXX) $(EMU_FLAGS) -DENABLE_FP32 -x c++ $< -o $@ -lm
+test_moe_emu_bf16: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) $(EMU_HEADERS)
+	$(CXX) $(EMU_FLAGS) -x c++ $< -o $@ -lm
+test_moe_emu_asan: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) $(EMU_HEADERS)
+	$(CXX) $(EMU_FLAGS) $(SANITIZE) -O1 -x c++ $< -o $@ -lm
+test_moe_gpu: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) dev/testing.h
+	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp -x cu $< -o $@ $(GPU_LIBS) -lgomp
+EMU_TARGETS := $(if $(HAVE_CUDA_HEADERS),dev/cuda/test_emu dev/cuda/test_emu_asan test_moe_emu test_moe_emu_bf16 test_moe_emu_asan train_gpt2_moe_emu train_gpt2_moe_emu_fp32,)
 
 # expert parallelism over MPI between CPU processes: mpirun -np W ./train_gpt2_moe_mpi ...
 train_gpt2_moe_mpi: train_gpt2_moe.c $(HEADERS)
@@ -111,8 +136,9 @@ test-gpu:
 ifeq ($(NVCC),)
 	@echo "skip test-gpu: nvcc not found (GPU tests run on a machine with a GPU)"
 else
-	$(MAKE) dev/cuda/test_emu_gpu
-	@if nvidia-smi >/dev/null 2>&1; then ./dev/cuda/test_emu_gpu; else echo "skip test-gpu: no GPU here (nvidia-smi finds none)"; fi
+	$(MAKE) dev/cuda/test_emu_gpu test_moe_gpu train_gpt2_moe
+	@if nvidia-smi >/dev/null 2>&1; then ./dev/cuda/test_emu_gpu && ./test_moe_gpu && bash dev/test_gpu_cli.sh ./train_gpt2_moe; \
+	else echo "skip test-gpu: no GPU here (nvidia-smi finds none)"; fi
 endif
 
 bench: bench-cpu
@@ -124,4 +150,5 @@ data: dev/data/tokenize
 	bash dev/data/tinyshakespeare.sh
 
 clean:
-	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu
+	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu \
+	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu

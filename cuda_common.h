@@ -33,6 +33,17 @@ inline void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
 
 #define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
 
+// floatX: the precision of the GPU trainer's parameters, activations and gradients. bf16 by
+// default, with fp32 master weights and AdamW moments; PRECISION=FP32 builds with -DENABLE_FP32,
+// so tests can compare with the CPU trainer to ~1e-5.
+#ifdef ENABLE_FP32
+typedef float floatX;
+#define PRECISION_NAME "fp32"
+#else
+typedef __nv_bfloat16 floatX;
+#define PRECISION_NAME "bf16"
+#endif
+
 // every CUDA runtime call goes through cudaCheck: one line with the call, the error and the place
 inline void cuda_check(cudaError_t e, const char* call, const char* file, int line) {
     if (e != cudaSuccess) { fail_exit("%s failed at %s:%d: %s (%s)", call, file, line, cudaGetErrorString(e), cudaGetErrorName(e)); }

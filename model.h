@@ -125,29 +125,32 @@ static const char* const param_names[NUM_PARAMETER_TENSORS] = {
     "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b", "fcw", "fcb",
     "fcprojw", "fcprojb", "routerw", "expfcw", "expfcb", "expprojw", "expprojb", "lnfw", "lnfb"};
 
-typedef struct {
-    float* wte;      // (Vp, C)
-    float* wpe;      // (maxT, C)
-    float* ln1w;     // (L, C)
-    float* ln1b;     // (L, C)
-    float* qkvw;     // (L, 3*C, C)
-    float* qkvb;     // (L, 3*C)
-    float* attprojw; // (L, C, C)
-    float* attprojb; // (L, C)
-    float* ln2w;     // (L, C)
-    float* ln2b;     // (L, C)
-    float* fcw;      // (Ld, 4*C, C)
-    float* fcb;      // (Ld, 4*C)
-    float* fcprojw;  // (Ld, C, 4*C)
-    float* fcprojb;  // (Ld, C)
-    float* routerw;  // (Lm, E, C)
-    float* expfcw;   // (Lm, E_local, H, C)
-    float* expfcb;   // (Lm, E_local, H)
-    float* expprojw; // (Lm, E_local, C, H)
-    float* expprojb; // (Lm, E_local, C)
-    float* lnfw;     // (C)
-    float* lnfb;     // (C)
-} ParameterTensors;
+// The parameter tensors as a struct of pointers of element type T: float on the host and in the
+// CPU trainer (ParameterTensors), the GPU trainer's floatX (bf16 or float) on the device.
+#define PARAMETER_TENSORS_OF(T) struct { \
+    T* wte;      /* (Vp, C) */ \
+    T* wpe;      /* (maxT, C) */ \
+    T* ln1w;     /* (L, C) */ \
+    T* ln1b;     /* (L, C) */ \
+    T* qkvw;     /* (L, 3*C, C) */ \
+    T* qkvb;     /* (L, 3*C) */ \
+    T* attprojw; /* (L, C, C) */ \
+    T* attprojb; /* (L, C) */ \
+    T* ln2w;     /* (L, C) */ \
+    T* ln2b;     /* (L, C) */ \
+    T* fcw;      /* (Ld, 4*C, C) */ \
+    T* fcb;      /* (Ld, 4*C) */ \
+    T* fcprojw;  /* (Ld, C, 4*C) */ \
+    T* fcprojb;  /* (Ld, C) */ \
+    T* routerw;  /* (Lm, E, C) */ \
+    T* expfcw;   /* (Lm, E_local, H, C) */ \
+    T* expfcb;   /* (Lm, E_local, H) */ \
+    T* expprojw; /* (Lm, E_local, C, H) */ \
+    T* expprojb; /* (Lm, E_local, C) */ \
+    T* lnfw;     /* (C) */ \
+    T* lnfb;     /* (C) */ \
+}
+typedef PARAMETER_TENSORS_OF(float) ParameterTensors;
 
 // the expert tensors live on their owner; the others are replicated on every rank
 static inline int param_is_expert(int k) { return k >= PARAM_EXPFCW && k <= PARAM_EXPPROJB; }
@@ -192,14 +195,17 @@ static inline size_t count_parameters(const size_t* sizes) {
     return n;
 }
 
-// carves one allocation (host or device: only pointer arithmetic) into the tensors
-static inline void point_parameters(ParameterTensors* p, float* memory, const size_t* sizes) {
-    float** ptrs[NUM_PARAMETER_TENSORS] = {
-        &p->wte, &p->wpe, &p->ln1w, &p->ln1b, &p->qkvw, &p->qkvb, &p->attprojw, &p->attprojb, &p->ln2w,
-        &p->ln2b, &p->fcw, &p->fcb, &p->fcprojw, &p->fcprojb, &p->routerw, &p->expfcw, &p->expfcb,
-        &p->expprojw, &p->expprojb, &p->lnfw, &p->lnfb};
-    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) { *(ptrs[k]) = memory; memory += sizes[k]; }
+// Carves one allocation of elements of elem_size bytes (host or device: only pointer arithmetic)
+// into the tensors of p, any PARAMETER_TENSORS_OF struct: its NUM_PARAMETER_TENSORS pointers in order.
+static inline void point_parameters_of(void* p, void* memory, const size_t* sizes, size_t elem_size) {
+    char** ptrs = (char**)p;
+    char* at = (char*)memory;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) { ptrs[k] = at; at += sizes[k] * elem_size; }
 }
+static inline void point_parameters(ParameterTensors* p, float* memory, const size_t* sizes) {
+    point_parameters_of(p, memory, sizes, sizeof(float));
+}
+typedef char parameter_tensors_are_pointers[sizeof(ParameterTensors) == NUM_PARAMETER_TENSORS * sizeof(float*) ? 1 : -1];
 
 // a stream of random numbers for one expert's tensor, the same whichever rank holds the expert
 static inline uint64_t expert_seed(uint64_t seed, int tensor, int moe_layer, int expert) {

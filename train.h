@@ -579,6 +579,16 @@ static inline void print_run_table(const TrainArgs* a, const GPT2Config* c, cons
     if (rs->resumed) { printf0("resumed from step %d (%s)\n", rs->state.step, rs->source); }
 }
 
+// the token whose cumulative probability first exceeds coin (in [0, 1)): sampling from probs (n)
+static inline int sample_mult(const float* probs, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += probs[i];
+        if (coin < cdf) { return i; }
+    }
+    return n - 1;
+}
+
 // a generated sample: decoded by the tokenizer (rank 0), or token ids without one
 static inline void print_sample(const Tokenizer* t, int have_tokenizer, const int* tokens, int n) {
     printf0("generating:\n---\n");

@@ -1256,15 +1256,6 @@ double gpt2_validate(GPT2* model, DataLoader* loader, int steps) {
     return mean_over_ranks(val_loss / steps, &model->comm);
 }
 
-int sample_mult(const float* probs, int n, float coin) { // coin in [0, 1)
-    float cdf = 0.0f;
-    for (int i = 0; i < n; i++) {
-        cdf += probs[i];
-        if (coin < cdf) { return i; }
-    }
-    return n - 1;
-}
-
 // generates genT tokens after an end-of-text token; dropless routing so that the sample does not
 // depend on the capacity of a batch of one. Tokens go to out (genT), returns how many were made.
 // Collective: every rank generates (the MoE layers exchange rows), the same tokens.

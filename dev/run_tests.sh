@@ -32,9 +32,12 @@ run ./dev/test_lshmoe
 # LeakSanitizer warn about threads it cannot suspend)
 sanitized="./test_moe_asan ./dev/test_dataloader_asan ./dev/test_lshmoe_asan"
 # the CUDA-on-CPU layer (dev/cuda/cuda_emu.h): its tests, and again under the sanitizers
+# and the GPU trainer's tests against the CPU trainer, through it (fp32, bf16)
 if [ -x ./dev/cuda/test_emu ]; then
     run ./dev/cuda/test_emu
-    sanitized="$sanitized ./dev/cuda/test_emu_asan"
+    run ./test_moe_emu
+    run ./test_moe_emu_bf16
+    sanitized="$sanitized ./dev/cuda/test_emu_asan ./test_moe_emu_asan"
 else
     echo "skip cuda-emulation (no CUDA toolkit headers: cuda_runtime.h and cuda_bf16.h are needed)" | tee -a "$log"
 fi
@@ -54,12 +57,14 @@ for t in $sanitized; do
 done
 # the compile gate for CUDA code: nvcc for sm_80 and sm_90, ptxas spills and local memory as errors
 if [ -n "${NVCC:-}" ]; then
-    if make -s dev/cuda/test_emu_gpu >"$log.nvcc" 2>&1; then
-        echo "ok   nvcc/test_emu compiles for sm_80 and sm_90 with no register spill or local memory" | tee -a "$log"
-    else
-        echo "FAIL nvcc/test_emu does not compile: $(head -c 400 "$log.nvcc")" | tee -a "$log"
-        status=1
-    fi
+    for target in dev/cuda/test_emu_gpu train_gpt2_moe test_moe_gpu; do
+        if make -s "$target" >"$log.nvcc" 2>&1; then
+            echo "ok   nvcc/${target##*/} compiles for sm_80 and sm_90 with no register spill or local memory" | tee -a "$log"
+        else
+            echo "FAIL nvcc/${target##*/} does not compile: $(head -c 400 "$log.nvcc")" | tee -a "$log"
+            status=1
+        fi
+    done
     rm -f "$log.nvcc"
 else
     echo "skip nvcc (not found: the CUDA compile gate needs the toolkit)" | tee -a "$log"
@@ -68,6 +73,10 @@ fi
 run "$PYTHON" dev/data/check_tokenizer.py
 # 4. the trainer binary: flags, bad input, resume
 run bash dev/test_cli.sh
+# the GPU trainer's binary, emulated, against the CPU trainer's with the same command lines
+if [ -x ./train_gpt2_moe_emu ] && [ -x ./train_gpt2_moe_emu_fp32 ]; then
+    run bash dev/test_gpu_cli.sh
+fi
 # 5. expert parallelism over MPI (skips itself without mpirun)
 if [ -x ./test_moe_mpi ] && [ -x ./train_gpt2_moe_mpi ]; then
     run bash dev/test_mpi.sh

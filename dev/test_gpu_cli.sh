@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU trainer as a user runs it, against the CPU trainer with the same command line: on a
+# dense checkpoint, the validation and training losses of the first steps agree (fp32 build within
+# 1e-5, bf16 within 1e-2); a resumed run is bit-exact; bad input gives one error line. Prints
+# ok/FAIL lines. Run from the repository root after `make train_gpt2_moe_cpu train_gpt2_moe_emu
+# train_gpt2_moe_emu_fp32`; with an argument (make test-gpu: ./train_gpt2_moe) it checks that binary
+# as the bf16 one and leaves out the fp32 comparison.
+set -u
+CPU=./train_gpt2_moe_cpu
+BF16=${1:-./train_gpt2_moe_emu}
+FP32=${1:+}
+[ -n "${1:-}" ] || FP32=./train_gpt2_moe_emu_fp32
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+DATA="-i data/tinyshakespeare/tiny_shakespeare_train.bin -j data/tinyshakespeare/tiny_shakespeare_val.bin"
+
+# a dense d4 checkpoint, one step past initialisation
+if ! $CPU -e d4 -b 2 -t 32 -x 1 -v 0 -s 0 $DATA -o "$tmp/ck" >"$tmp/ck.out" 2>&1; then
+    echo "FAIL gpu_cli/dense_checkpoint the CPU trainer could not write one: $(tail -2 "$tmp/ck.out")"
+    exit 0
+fi
+CK="$tmp/ck/model_00000001.bin"
+RUN="-e $CK -b 2 -t 32 -x 3 -v 3 -m 2 -s 0 -l 1e-3 -c 0.1 $DATA"
+
+# compare NAME BINARY BOUND: val and train losses of the same command against the CPU trainer's
+compare() {
+    local name=$1 bin=$2 bound=$3
+    $CPU $RUN -o "$tmp/cpu_$name" >"$tmp/cpu_$name.out" 2>&1 || { echo "FAIL gpu_cli/same_losses_$name CPU run failed"; return; }
+    $bin $RUN -o "$tmp/gpu_$name" >"$tmp/gpu_$name.out" 2>&1 || { echo "FAIL gpu_cli/same_losses_$name GPU run failed: $(tail -2 "$tmp/gpu_$name.out")"; return; }
+    python3 - "$tmp/cpu_$name/main.log" "$tmp/gpu_$name/main.log" "$name" "$bound" <<'PY'
+import re, sys
+def losses(path):
+    out = []
+    for line in open(path):
+        m = re.match(r"s:(\d+) (tel|trl):([0-9.]+)", line)
+        if m: out.append((int(m.group(1)), m.group(2), float(m.group(3))))
+    return out
+cpu, gpu, name, bound = losses(sys.argv[1]), losses(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+ok = len(cpu) == len(gpu) == 5 and all(a[:2] == b[:2] for a, b in zip(cpu, gpu))
+worst = max(abs(a[2] - b[2]) for a, b in zip(cpu, gpu)) if ok else float("inf")
+pairs = " ".join(f"{a[1]}@{a[0]}:{a[2]:.6f}/{b[2]:.6f}" for a, b in zip(cpu, gpu))
+print(f"{'ok  ' if ok and worst <= bound else 'FAIL'} gpu_cli/same_losses_{name} max diff {worst:.1e} (bound {bound:g}), CPU/GPU: {pairs}")
+PY
+}
+[ -n "$FP32" ] && compare fp32 "$FP32" 1e-5
+compare bf16 "$BF16" 1e-2
+
+# resume: 4 steps with a checkpoint at 2, against a run resumed from it (and its main.log)
+notime() { sed -E 's/ ms:[0-9.]+//' "$1"; }
+SCHED="-e $CK -b 2 -t 32 -x 4 -n 2 -v 2 -m 1 -s 0 -l 1e-3 -u 2 -q 0.1 $DATA"
+if $BF16 $SCHED -o "$tmp/full" >"$tmp/full.out" 2>&1; then
+    mkdir -p "$tmp/resumed"
+    cp "$tmp/full/model_00000002.bin" "$tmp/full/state_00000002_00000.bin" "$tmp/full/main.log" "$tmp/resumed/"
+    if $BF16 $SCHED -o "$tmp/resumed" -y 1 >"$tmp/resumed.out" 2>&1 && [ "$(notime "$tmp/full/main.log")" = "$(notime "$tmp/resumed/main.log")" ] &&
+       cmp -s "$tmp/full/model_00000004.bin" "$tmp/resumed/model_00000004.bin"; then
+        echo "ok   gpu_cli/resume_bit_exact main.log and model_00000004.bin identical to the uninterrupted run's: $(grep '^s:3 trl' "$tmp/resumed/main.log" | cut -d' ' -f1-3)"
+    else
+        echo "FAIL gpu_cli/resume_bit_exact $(diff <(notime "$tmp/full/main.log") <(notime "$tmp/resumed/main.log") | head -4) $(tail -2 "$tmp/resumed.out")"
+    fi
+else
+    echo "FAIL gpu_cli/resume_bit_exact first run failed: $(tail -2 "$tmp/full.out")"
+fi
+
+# bad input: one error line, as from the CPU trainer
+expect_error() { # name pattern args...
+    local name=$1 pattern=$2; shift 2
+    $BF16 "$@" >"$tmp/out" 2>"$tmp/err"
+    local rc=$? lines
+    lines=$(wc -l <"$tmp/err")
+    if [ $rc -ne 0 ] && [ "$lines" -eq 1 ] && grep -q '^error: ' "$tmp/err" && grep -q -- "$pattern" "$tmp/err"; then
+        echo "ok   gpu_cli/error_$name exit $rc: $(cat "$tmp/err")"
+    else
+        echo "FAIL gpu_cli/error_$name exit $rc, $lines stderr lines (want 1 matching '$pattern'): $(head -c 300 "$tmp/err")"
+    fi
+}
+expect_error moe_not_yet "MoE layers on the GPU are the next step" -e d4 -E 4 -K 2 -b 2 -t 32 -x 1 $DATA
+expect_error range_checked "flag -q: expected a number in \\[0, 1\\]" -e d4 -q 2 $DATA
+expect_error bad_checkpoint "bad magic 20240520" -e data/tinyshakespeare/tiny_shakespeare_val.bin $DATA

@@ -1,0 +1,573 @@
+/*
+Tests of the GPU trainer (train_gpt2_moe.cu) against the CPU trainer (train_gpt2_moe.c), which is
+itself checked against PyTorch and finite differences (test_moe.c). Both are included, as llm.c's
+tests include their trainer: the GPU trainer with TESTING, the CPU trainer inside namespace cpu.
+
+Built twice through the CPU emulation (make test_moe_emu test_moe_emu_bf16), and by nvcc for a
+real GPU (make test-gpu):
+  fp32  every kernel and the whole model within ~1e-5 of the CPU trainer (sums in another order)
+  bf16  the same checks with bounds stated where they are made (floatX rounding)
+Each kernel runs in the three thread orders of the emulation (forward, reverse, random) and must
+give the same bits in all three: the kernels have no races and no timing-dependent reductions.
+*/
+#define TESTING
+#include "train_gpt2_moe.cu"
+#include "dev/testing.h"
+namespace cpu {
+#include "train_gpt2_moe.c"
+}
+
+static const int is_fp32 = sizeof(floatX) == sizeof(float);
+static Comm solo; // a world of one process, shared by every model of the tests
+
+// ----------------------------------------------------------------------------
+// helpers: random inputs rounded to floatX (so the reference sees exactly the GPU's inputs),
+// device copies, and the error of a result against its reference
+
+// n values of N(0, std), rounded to floatX and back
+static float* random_floatX_values(size_t n, float std, uint64_t seed) {
+    float* x = (float*)mallocCheck(n * sizeof(float));
+    uint64_t rng = seed;
+    normal_fill(x, n, std, &rng);
+    for (size_t i = 0; i < n; i++) { x[i] = (float)(floatX)x[i]; }
+    return x;
+}
+
+static floatX* to_device(const float* x, size_t n) {
+    floatX* h = (floatX*)mallocCheck(n * sizeof(floatX));
+    for (size_t i = 0; i < n; i++) { h[i] = (floatX)x[i]; }
+    floatX* d;
+    cudaCheck(cudaMalloc((void**)&d, n * sizeof(floatX)));
+    cudaCheck(cudaMemcpy(d, h, n * sizeof(floatX), cudaMemcpyHostToDevice));
+    free(h);
+    return d;
+}
+
+static float* to_host(const floatX* d, size_t n) {
+    floatX* h = (floatX*)mallocCheck(n * sizeof(floatX));
+    cudaCheck(cudaMemcpy(h, d, n * sizeof(floatX), cudaMemcpyDeviceToHost));
+    float* x = (float*)mallocCheck(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) { x[i] = (float)h[i]; }
+    free(h);
+    return x;
+}
+
+static float* floats_to_host(const float* d, size_t n) {
+    float* x = (float*)mallocCheck(n * sizeof(float));
+    cudaCheck(cudaMemcpy(x, d, n * sizeof(float), cudaMemcpyDeviceToHost));
+    return x;
+}
+
+// ||a - b|| / ||b|| over n (0 when both are 0)
+static double rel_error(const float* a, const float* b, size_t n) {
+    double e = 0.0, r = 0.0;
+    for (size_t i = 0; i < n; i++) { double d = (double)a[i] - b[i]; e += d * d; r += (double)b[i] * b[i]; }
+    return r == 0.0 ? sqrt(e) : sqrt(e / r);
+}
+
+// The bound of one kernel's output. fp32: the GPU kernels sum in other orders than the CPU
+// trainer (tree reductions, per-lane partial sums), ~1e-7 relative; 1e-5 leaves margin while a wrong
+// formula is O(1). bf16: the output is rounded to bf16 (relative error <= 2^-9 per element) and
+// inputs of later stages were rounded too; 2^-7 is four such roundings.
+static const double KERNEL_BOUND = sizeof(floatX) == sizeof(float) ? 1e-5 : 1.0 / 128;
+
+
+// a kernel's check: runs run(ctx) in the three thread orders (on a GPU, once), reads back the
+// output with read(ctx, &n), compares it with ref (n) and requires the same bits in every order
+static void check_kernel(const char* name, void (*run)(void*), float* (*read)(void*, size_t*), void* ctx, const float* ref, double bound) {
+    double worst = 0.0;
+    float* first = NULL;
+    int same = 1;
+    size_t n = 0;
+#ifdef CUDA_EMULATION
+    for (int o = 0; o < 3; o++) {
+        emu_set_order((emu::Order)o, 17);
+#else
+    for (int o = 0; o < 1; o++) {
+#endif
+        run(ctx);
+        cudaCheck(cudaGetLastError());
+        float* out = read(ctx, &n);
+        double e = rel_error(out, ref, n);
+        if (e > worst) { worst = e; }
+        if (first == NULL) { first = out; } else { same &= memcmp(first, out, n * sizeof(float)) == 0; free(out); }
+    }
+#ifdef CUDA_EMULATION
+    emu_set_order(emu::ORDER_FORWARD, 1);
+#endif
+    char tname[160];
+    snprintf(tname, sizeof(tname), "gpu_%s/%s", PRECISION_NAME, name);
+    check(worst <= bound && same, tname, "rel. error %.2e (bound %.1e) against the CPU trainer; %s", worst, bound,
+          same ? "identical bits in the three thread orders" : "DIFFERENT BITS in different thread orders");
+    free(first);
+}
+
+// ----------------------------------------------------------------------------
+// kernels, one by one, on shapes that are not multiples of the block sizes
+
+static const int B = 3, T = 11, C = 48, NH = 3, V = 70, Vp = 80, N = B * T;
+
+struct EncoderCtx { floatX *out, *wte, *wpe, *dwte, *dwpe, *dout; int* inp; int host_inp[B * T]; int backward; };
+static void encoder_run(void* p) {
+    EncoderCtx* c = (EncoderCtx*)p;
+    if (!c->backward) {
+        launch_kernel(encoder_forward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, 0, c->out, c->inp, c->wte, c->wpe, N, T, C);
+        return;
+    }
+    cudaCheck(cudaMemset(c->dwte, 0, (size_t)Vp * C * sizeof(floatX)));
+    cudaCheck(cudaMemset(c->dwpe, 0, (size_t)T * C * sizeof(floatX)));
+    TokenBuckets hb, db;
+    int counts[Vp];
+    int* host = (int*)mallocCheck((3 * N + 1) * sizeof(int));
+    hb.tokens = host; hb.starts = host + N; hb.positions = host + 2 * N + 1;
+    token_buckets(&hb, counts, c->host_inp, N, Vp);
+    int* dev;
+    cudaCheck(cudaMalloc((void**)&dev, (3 * N + 1) * sizeof(int)));
+    cudaCheck(cudaMemcpy(dev, host, (3 * N + 1) * sizeof(int), cudaMemcpyHostToDevice));
+    db.tokens = dev; db.starts = dev + N; db.positions = dev + 2 * N + 1;
+    launch_kernel(encoder_backward_wte_kernel, grid_for((size_t)hb.count * C, 256), dim3(256), 0, 0, c->dwte, c->dout, db.tokens, db.starts, db.positions, hb.count, C);
+    launch_kernel(encoder_backward_wpe_kernel, grid_for((size_t)T * C, 256), dim3(256), 0, 0, c->dwpe, c->dout, B, T, C);
+    cudaFree(dev);
+    free(host);
+}
+static float* encoder_read(void* p, size_t* n) {
+    EncoderCtx* c = (EncoderCtx*)p;
+    if (!c->backward) { *n = (size_t)N * C; return to_host(c->out, *n); }
+    *n = (size_t)(Vp + T) * C; // dwte then dwpe
+    float* a = to_host(c->dwte, (size_t)Vp * C);
+    float* b = to_host(c->dwpe, (size_t)T * C);
+    a = (float*)realloc(a, *n * sizeof(float));
+    memcpy(a + (size_t)Vp * C, b, (size_t)T * C * sizeof(float));
+    free(b);
+    return a;
+}
+
+static void test_encoder(void) {
+    EncoderCtx c;
+    float* wte = random_floatX_values((size_t)Vp * C, 1.0f, 1);
+    float* wpe = random_floatX_values((size_t)T * C, 1.0f, 2);
+    float* dout = random_floatX_values((size_t)N * C, 1.0f, 3);
+    uint64_t rng = 4;
+    for (int i = 0; i < N; i++) { c.host_inp[i] = (int)(random_u32(&rng) % 9); } // few distinct tokens: many repeats
+    c.inp = NULL;
+    cudaCheck(cudaMalloc((void**)&c.inp, N * sizeof(int)));
+    cudaCheck(cudaMemcpy(c.inp, c.host_inp, N * sizeof(int), cudaMemcpyHostToDevice));
+    c.wte = to_device(wte, (size_t)Vp * C);
+    c.wpe = to_device(wpe, (size_t)T * C);
+    c.dout = to_device(dout, (size_t)N * C);
+    cudaCheck(cudaMalloc((void**)&c.out, (size_t)N * C * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dwte, (size_t)Vp * C * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dwpe, (size_t)T * C * sizeof(floatX)));
+    float* ref = (float*)callocCheck((size_t)(Vp + T) * C, sizeof(float));
+    cpu::encoder_forward(ref, c.host_inp, wte, wpe, B, T, C);
+    c.backward = 0;
+    check_kernel("encoder_forward", encoder_run, encoder_read, &c, ref, KERNEL_BOUND);
+    memset(ref, 0, (size_t)(Vp + T) * C * sizeof(float));
+    cpu::encoder_backward(ref, ref + (size_t)Vp * C, dout, c.host_inp, B, T, C);
+    c.backward = 1;
+    check_kernel("encoder_backward", encoder_run, encoder_read, &c, ref, KERNEL_BOUND);
+    cudaFree(c.inp); cudaFree(c.wte); cudaFree(c.wpe); cudaFree(c.dout); cudaFree(c.out); cudaFree(c.dwte); cudaFree(c.dwpe);
+    free(wte); free(wpe); free(dout); free(ref);
+}
+
+struct LayernormCtx { floatX *out, *inp, *inp2, *residual, *w, *b, *dout, *dinp, *dw, *db; float *mean, *rstd, *parts; int mode; };
+static void layernorm_run(void* p) {
+    LayernormCtx* c = (LayernormCtx*)p;
+    if (c->mode == 0) { launch_kernel(layernorm_forward_kernel, dim3(CEIL_DIV(N, 8)), dim3(256), 0, 0, c->out, c->mean, c->rstd, c->inp, c->w, c->b, N, C); }
+    if (c->mode == 1) { launch_kernel(residual_layernorm_forward_kernel, dim3(CEIL_DIV(N, 8)), dim3(256), 0, 0, c->residual, c->out, c->mean, c->rstd, c->inp, c->inp2, c->w, c->b, N, C); }
+    if (c->mode == 2) {
+        cudaCheck(cudaMemset(c->dinp, 0, (size_t)N * C * sizeof(floatX)));
+        cudaCheck(cudaMemset(c->dw, 0, C * sizeof(floatX)));
+        cudaCheck(cudaMemset(c->db, 0, C * sizeof(floatX)));
+        layernorm_backward(c->dinp, c->dw, c->db, c->parts, c->dout, c->inp, c->w, c->mean, c->rstd, N, C, 0);
+    }
+}
+static float* layernorm_read(void* p, size_t* n) {
+    LayernormCtx* c = (LayernormCtx*)p;
+    size_t NC = (size_t)N * C;
+    if (c->mode == 2) { // dinp, dweight, dbias
+        *n = NC + 2 * C;
+        float* a = to_host(c->dinp, NC);
+        float* w = to_host(c->dw, C);
+        float* b = to_host(c->db, C);
+        a = (float*)realloc(a, *n * sizeof(float));
+        memcpy(a + NC, w, C * sizeof(float));
+        memcpy(a + NC + C, b, C * sizeof(float));
+        free(w); free(b);
+        return a;
+    }
+    // out, mean, rstd (and the residual)
+    *n = NC + 2 * N + (c->mode == 1 ? NC : 0);
+    float* a = to_host(c->out, NC);
+    float* m = floats_to_host(c->mean, N);
+    float* r = floats_to_host(c->rstd, N);
+    a = (float*)realloc(a, *n * sizeof(float));
+    memcpy(a + NC, m, N * sizeof(float));
+    memcpy(a + NC + N, r, N * sizeof(float));
+    if (c->mode == 1) { float* res = to_host(c->residual, NC); memcpy(a + NC + 2 * N, res, NC * sizeof(float)); free(res); }
+    free(m); free(r);
+    return a;
+}
+
+static void test_layernorm(void) {
+    size_t NC = (size_t)N * C;
+    float* x = random_floatX_values(NC, 2.0f, 5);
+    float* x2 = random_floatX_values(NC, 1.0f, 6);
+    float* w = random_floatX_values(C, 1.0f, 7);
+    float* b = random_floatX_values(C, 1.0f, 8);
+    float* dout = random_floatX_values(NC, 1.0f, 9);
+    LayernormCtx c;
+    c.inp = to_device(x, NC); c.inp2 = to_device(x2, NC); c.w = to_device(w, C); c.b = to_device(b, C); c.dout = to_device(dout, NC);
+    cudaCheck(cudaMalloc((void**)&c.out, NC * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.residual, NC * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dinp, NC * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dw, C * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.db, C * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.mean, N * sizeof(float)));
+    cudaCheck(cudaMalloc((void**)&c.rstd, N * sizeof(float)));
+    cudaCheck(cudaMalloc((void**)&c.parts, LN_PARTS * 2 * C * sizeof(float)));
+    float* ref = (float*)callocCheck(3 * NC + 2 * N, sizeof(float));
+    cpu::layernorm_forward(ref, ref + NC, ref + NC + N, x, w, b, N, C);
+    c.mode = 0;
+    check_kernel("layernorm_forward", layernorm_run, layernorm_read, &c, ref, KERNEL_BOUND);
+    // the residual add in front: reference on the floatX-rounded sum, which the GPU normalises
+    float* res = ref + NC + 2 * N;
+    cpu::residual_forward(res, x, x2, (int)NC);
+    for (size_t i = 0; i < NC; i++) { res[i] = (float)(floatX)res[i]; }
+    cpu::layernorm_forward(ref, ref + NC, ref + NC + N, res, w, b, N, C);
+    c.mode = 1;
+    check_kernel("residual_layernorm_forward", layernorm_run, layernorm_read, &c, ref, KERNEL_BOUND);
+    // backward, at the statistics of x
+    float* mean = ref + NC;
+    float* rstd = ref + NC + N;
+    cpu::layernorm_forward(ref, mean, rstd, x, w, b, N, C);
+    cudaCheck(cudaMemcpy(c.mean, mean, N * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(c.rstd, rstd, N * sizeof(float), cudaMemcpyHostToDevice));
+    float* dref = (float*)callocCheck(NC + 2 * C, sizeof(float));
+    cpu::layernorm_backward(dref, dref + NC, dref + NC + C, dout, x, w, mean, rstd, N, C);
+    c.mode = 2;
+    check_kernel("layernorm_backward", layernorm_run, layernorm_read, &c, dref, KERNEL_BOUND);
+    cudaFree(c.inp); cudaFree(c.inp2); cudaFree(c.w); cudaFree(c.b); cudaFree(c.dout); cudaFree(c.out); cudaFree(c.residual);
+    cudaFree(c.dinp); cudaFree(c.dw); cudaFree(c.db); cudaFree(c.mean); cudaFree(c.rstd); cudaFree(c.parts);
+    free(x); free(x2); free(w); free(b); free(dout); free(ref); free(dref);
+}
+
+struct AttentionCtx { floatX *out, *att, *qkv, *dout, *dqkv; float* dpreatt; int backward; };
+static void attention_run(void* p) {
+    AttentionCtx* c = (AttentionCtx*)p;
+    dim3 grid(CEIL_DIV(B * NH * T, ATT_WARPS)), block(32 * ATT_WARPS);
+    if (!c->backward) { launch_kernel(attention_forward_kernel, grid, block, ATT_WARPS * T * sizeof(float), 0, c->out, c->att, c->qkv, B, T, C, NH); return; }
+    launch_kernel(attention_backward_query_kernel, grid, block, 0, 0, c->dqkv, c->dpreatt, c->dout, c->qkv, c->att, B, T, C, NH);
+    launch_kernel(attention_backward_key_kernel, grid, block, 0, 0, c->dqkv, c->dpreatt, c->dout, c->qkv, c->att, B, T, C, NH);
+}
+static float* attention_read(void* p, size_t* n) {
+    AttentionCtx* c = (AttentionCtx*)p;
+    if (c->backward) { *n = (size_t)N * 3 * C; return to_host(c->dqkv, *n); }
+    size_t NC = (size_t)N * C, A = (size_t)B * NH * T * T;
+    *n = NC + A;
+    float* a = to_host(c->out, NC);
+    float* att = to_host(c->att, A);
+    a = (float*)realloc(a, *n * sizeof(float));
+    memcpy(a + NC, att, A * sizeof(float));
+    free(att);
+    return a;
+}
+
+static void test_attention(void) {
+    size_t NC = (size_t)N * C, A = (size_t)B * NH * T * T;
+    float* qkv = random_floatX_values(3 * NC, 1.0f, 10);
+    float* dout = random_floatX_values(NC, 1.0f, 11);
+    AttentionCtx c;
+    c.qkv = to_device(qkv, 3 * NC);
+    c.dout = to_device(dout, NC);
+    cudaCheck(cudaMalloc((void**)&c.out, NC * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.att, A * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dqkv, 3 * NC * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dpreatt, A * sizeof(float)));
+    float* ref = (float*)callocCheck(NC + 2 * A, sizeof(float));
+    float* preatt = (float*)callocCheck(A, sizeof(float));
+    cpu::attention_forward(ref, preatt, ref + NC, qkv, B, T, C, NH);
+    c.backward = 0;
+    check_kernel("attention_forward", attention_run, attention_read, &c, ref, KERNEL_BOUND);
+    // backward from the GPU's own att (what the trainer keeps), as the CPU function takes it
+    float* att = to_host(c.att, A);
+    float* dref = (float*)callocCheck(3 * NC, sizeof(float));
+    float* dpre = (float*)callocCheck(A, sizeof(float));
+    float* datt = (float*)callocCheck(A, sizeof(float));
+    cpu::attention_backward(dref, dpre, datt, dout, qkv, att, B, T, C, NH);
+    c.backward = 1;
+    check_kernel("attention_backward", attention_run, attention_read, &c, dref, KERNEL_BOUND);
+    cudaFree(c.qkv); cudaFree(c.dout); cudaFree(c.out); cudaFree(c.att); cudaFree(c.dqkv); cudaFree(c.dpreatt);
+    free(qkv); free(dout); free(ref); free(preatt); free(att); free(dref); free(dpre); free(datt);
+}
+
+struct MatmulCtx { floatX *out, *inp, *w, *b, *pre, *dout, *dinp, *dw, *db; float* parts; int Cin, OC, mode; };
+static void matmul_run(void* p) {
+    MatmulCtx* c = (MatmulCtx*)p;
+    if (c->mode == 0) { matmul_forward(c->out, c->inp, c->w, c->b, N, c->Cin, c->OC, NULL, 0); }
+    if (c->mode == 1) { matmul_forward(c->out, c->inp, c->w, c->b, N, c->Cin, c->OC, c->pre, 0); }
+    if (c->mode >= 2) {
+        cudaCheck(cudaMemset(c->dw, 0, (size_t)c->OC * c->Cin * sizeof(floatX)));
+        cudaCheck(cudaMemset(c->db, 0, c->OC * sizeof(floatX)));
+        matmul_backward(c->dinp, c->dw, c->db, c->dout, c->inp, c->w, c->parts, N, c->Cin, c->OC, c->mode == 3 ? c->pre : NULL, 0);
+    }
+}
+static float* matmul_read(void* p, size_t* n) {
+    MatmulCtx* c = (MatmulCtx*)p;
+    size_t NO = (size_t)N * c->OC, NI = (size_t)N * c->Cin, W = (size_t)c->OC * c->Cin;
+    if (c->mode == 0) { *n = NO; return to_host(c->out, NO); }
+    if (c->mode == 1) { // gelu output, then the pre-activation kept
+        *n = 2 * NO;
+        float* a = to_host(c->out, NO);
+        float* pre = to_host(c->pre, NO);
+        a = (float*)realloc(a, *n * sizeof(float));
+        memcpy(a + NO, pre, NO * sizeof(float));
+        free(pre);
+        return a;
+    }
+    *n = NI + W + c->OC; // dinp, dweight, dbias
+    float* a = to_host(c->dinp, NI);
+    float* w = to_host(c->dw, W);
+    float* b = to_host(c->db, c->OC);
+    a = (float*)realloc(a, *n * sizeof(float));
+    memcpy(a + NI, w, W * sizeof(float));
+    memcpy(a + NI + W, b, c->OC * sizeof(float));
+    free(w); free(b);
+    return a;
+}
+
+static void test_matmul(void) {
+    MatmulCtx c;
+    c.Cin = 40; c.OC = 56;
+    size_t NI = (size_t)N * c.Cin, NO = (size_t)N * c.OC, W = (size_t)c.OC * c.Cin;
+    float* x = random_floatX_values(NI, 1.0f, 12);
+    float* w = random_floatX_values(W, 0.3f, 13);
+    float* b = random_floatX_values(c.OC, 0.5f, 14);
+    float* dout = random_floatX_values(NO, 1.0f, 15);
+    c.inp = to_device(x, NI); c.w = to_device(w, W); c.b = to_device(b, c.OC); c.dout = to_device(dout, NO);
+    cudaCheck(cudaMalloc((void**)&c.out, NO * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.pre, NI * sizeof(floatX) > NO * sizeof(floatX) ? NI * sizeof(floatX) : NO * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dinp, NI * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.dw, W * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.db, c.OC * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.parts, BIAS_BACKWARD_PARTS * c.OC * sizeof(float)));
+    float* ref = (float*)callocCheck(2 * NO + NI + W + c.OC, sizeof(float));
+    cpu::matmul_forward(ref, x, w, b, N, c.Cin, c.OC);
+    c.mode = 0;
+    check_kernel("matmul_forward_bias", matmul_run, matmul_read, &c, ref, KERNEL_BOUND);
+    // the GELU epilogue: out = gelu(x w^T + b), the pre-activation kept
+    float* pre = (float*)mallocCheck(NO * sizeof(float));
+    cpu::matmul_forward(pre, x, w, b, N, c.Cin, c.OC);
+    cpu::gelu_forward(ref, pre, (int)NO);
+    memcpy(ref + NO, pre, NO * sizeof(float));
+    c.mode = 1;
+    check_kernel("matmul_forward_gelu", matmul_run, matmul_read, &c, ref, KERNEL_BOUND);
+    // backward: dinp, dweight, dbias
+    float* dref = (float*)callocCheck(NI + W + c.OC, sizeof(float));
+    cpu::matmul_backward(dref, dref + NI, dref + NI + W, dout, x, w, N, c.Cin, c.OC);
+    c.mode = 2;
+    check_kernel("matmul_backward", matmul_run, matmul_read, &c, dref, KERNEL_BOUND);
+    // backward through a GELU: dinp multiplied by gelu'(the GELU's input), which is what inp came from
+    float* g = random_floatX_values(NI, 1.0f, 16);
+    cudaCheck(cudaFree(c.pre));
+    c.pre = to_device(g, NI);
+    float* dx = (float*)callocCheck(NI, sizeof(float));
+    memset(dref, 0, (NI + W + c.OC) * sizeof(float));
+    cpu::matmul_backward(dx, dref + NI, dref + NI + W, dout, x, w, N, c.Cin, c.OC);
+    cpu::gelu_backward(dref, g, dx, (int)NI);
+    c.mode = 3;
+    check_kernel("matmul_backward_dgelu", matmul_run, matmul_read, &c, dref, KERNEL_BOUND);
+    cudaFree(c.inp); cudaFree(c.w); cudaFree(c.b); cudaFree(c.dout); cudaFree(c.out); cudaFree(c.pre); cudaFree(c.dinp);
+    cudaFree(c.dw); cudaFree(c.db); cudaFree(c.parts);
+    free(x); free(w); free(b); free(dout); free(ref); free(pre); free(dref); free(g); free(dx);
+}
+
+struct ClassifierCtx { floatX *logits, *work; float* losses; int* targets; float dloss; int backward; };
+static void classifier_run(void* p) {
+    ClassifierCtx* c = (ClassifierCtx*)p;
+    if (!c->backward) { launch_kernel(classifier_forward_kernel, dim3(N), dim3(512), 0, 0, c->losses, c->logits, c->targets, V, Vp); return; }
+    cudaCheck(cudaMemcpy(c->work, c->logits, (size_t)N * Vp * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    launch_kernel(classifier_backward_kernel, dim3(N), dim3(512), 0, 0, c->work, c->targets, c->dloss, V, Vp);
+}
+static float* classifier_read(void* p, size_t* n) {
+    ClassifierCtx* c = (ClassifierCtx*)p;
+    if (!c->backward) { *n = N; return floats_to_host(c->losses, N); }
+    *n = (size_t)N * Vp;
+    return to_host(c->work, *n);
+}
+
+static void test_classifier(void) {
+    size_t NV = (size_t)N * Vp;
+    float* logits = random_floatX_values(NV, 3.0f, 17);
+    int targets[N];
+    uint64_t rng = 18;
+    for (int i = 0; i < N; i++) { targets[i] = (int)(random_u32(&rng) % V); }
+    ClassifierCtx c;
+    c.logits = to_device(logits, NV);
+    cudaCheck(cudaMalloc((void**)&c.work, NV * sizeof(floatX)));
+    cudaCheck(cudaMalloc((void**)&c.losses, N * sizeof(float)));
+    cudaCheck(cudaMalloc((void**)&c.targets, N * sizeof(int)));
+    cudaCheck(cudaMemcpy(c.targets, targets, N * sizeof(int), cudaMemcpyHostToDevice));
+    c.dloss = 1.0f / N;
+    float* probs = (float*)callocCheck(NV, sizeof(float));
+    float* losses = (float*)callocCheck(N, sizeof(float));
+    float* dlogits = (float*)callocCheck(NV, sizeof(float));
+    cpu::softmax_forward(probs, logits, N, V, Vp);
+    cpu::crossentropy_forward(losses, probs, targets, N, Vp);
+    cpu::crossentropy_softmax_backward(dlogits, probs, targets, c.dloss, N, V, Vp);
+    c.backward = 0;
+    check_kernel("classifier_forward", classifier_run, classifier_read, &c, losses, is_fp32 ? KERNEL_BOUND : 1e-5); // fp32 losses in both builds
+    c.backward = 1;
+    check_kernel("classifier_backward", classifier_run, classifier_read, &c, dlogits, KERNEL_BOUND);
+    cudaFree(c.logits); cudaFree(c.work); cudaFree(c.losses); cudaFree(c.targets);
+    free(logits); free(probs); free(losses); free(dlogits);
+}
+
+// ----------------------------------------------------------------------------
+// the whole model on tiny configs, against the CPU trainer on the same weights and batch
+
+static GPT2Config tiny_dense(int L) {
+    GPT2Config c = {0};
+    c.max_seq_len = 16; c.vocab_size = 100; c.padded_vocab_size = 128;
+    c.num_layers = L; c.num_heads = 2; c.channels = 32;
+    return c;
+}
+
+// The bounds of the whole model. fp32: every kernel is within ~1e-6 of the CPU trainer; through a
+// few layers and 10 AdamW steps the losses stay within 1e-5 and each gradient tensor within 1e-4
+// of its largest entry (the CPU trainer's own bound against PyTorch). bf16: weights, activations
+// and gradients are rounded to 8 bits of mantissa at every layer (2^-9 relative each): the
+// losses within 2e-2 (they are ~4.6), logits and gradients within 5e-2 normwise; AdamW's
+// normalised steps amplify gradient noise, so the 10-step losses within 5e-2.
+static void test_model(const char* name, int L, int steps) {
+    GPT2Config c = tiny_dense(L);
+    cpu::GPT2 ref;
+    cpu::gpt2_build(&ref, &c, NULL, solo);
+    uint64_t rng = 99;
+    normal_fill(ref.params_memory, ref.num_parameters, 0.1f, &rng);
+    for (size_t i = 0; i < ref.param_sizes[PARAM_LN1W]; i++) { ref.params.ln1w[i] += 1.0f; ref.params.ln2w[i] += 1.0f; }
+    for (size_t i = 0; i < ref.num_parameters; i++) { ref.params_memory[i] = (float)(floatX)ref.params_memory[i]; } // the GPU's weights exactly
+    GPT2 gpu;
+    gpt2_build(&gpu, &c, ref.params_memory, solo);
+    int Bm = 2, Tm = 8, Nm = Bm * Tm;
+    int x[16], y[16];
+    for (int i = 0; i < Nm; i++) { x[i] = (int)(random_u32(&rng) % 100); y[i] = (int)(random_u32(&rng) % 100); }
+    cpu::gpt2_forward(&ref, x, y, Bm, Tm);
+    gpt2_forward(&gpu, x, y, Bm, Tm);
+    double loss_bound = is_fp32 ? 1e-5 : 2e-2, grad_bound = is_fp32 ? 1e-4 : 5e-2, steps_bound = is_fp32 ? 1e-5 : 5e-2;
+    char tname[160];
+    float* logits = to_host(gpu.acts.logits, (size_t)Nm * c.padded_vocab_size);
+    double le = rel_error(logits, ref.acts.logits, (size_t)Nm * c.padded_vocab_size);
+    snprintf(tname, sizeof(tname), "gpu_%s/model_%s/logits_and_loss", PRECISION_NAME, name);
+    check(le <= grad_bound && fabs(gpu.mean_loss - ref.mean_loss) <= loss_bound, tname,
+          "logits rel. error %.2e (bound %.0e), loss %.6f vs CPU %.6f (bound %.0e)", le, grad_bound, gpu.mean_loss, ref.mean_loss, loss_bound);
+    cpu::gpt2_zero_grad(&ref);
+    cpu::gpt2_backward(&ref, 1.0f);
+    gpt2_zero_grad(&gpu);
+    gpt2_backward(&gpu, 1.0f);
+    float* grads = to_host(gpu.grads_memory, gpu.num_parameters);
+    size_t off = 0;
+    double worst = 0.0;
+    const char* worst_name = "";
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        size_t n = ref.param_sizes[k];
+        if (n > 0) {
+            double e = 0.0, scale = 0.0;
+            for (size_t i = 0; i < n; i++) { e = fmax(e, fabs((double)grads[off + i] - ref.grads_memory[off + i])); scale = fmax(scale, fabs(ref.grads_memory[off + i])); }
+            double rel = is_fp32 ? e / fmax(scale, 1e-3) : rel_error(grads + off, ref.grads_memory + off, n);
+            if (rel > worst) { worst = rel; worst_name = param_names[k]; }
+        }
+        off += n;
+    }
+    snprintf(tname, sizeof(tname), "gpu_%s/model_%s/every_gradient", PRECISION_NAME, name);
+    check(worst <= grad_bound, tname, "worst tensor %s: %.2e (bound %.0e %s)", worst_name, worst, grad_bound,
+          is_fp32 ? "of its largest entry" : "normwise");
+    // AdamW steps with clipping and weight decay, on the same batch
+    double step_err = 0.0;
+    float last_gpu = 0.0f, last_cpu = 0.0f;
+    for (int s = 0; s < steps; s++) {
+        cpu::gpt2_forward(&ref, x, y, Bm, Tm);
+        gpt2_forward(&gpu, x, y, Bm, Tm);
+        step_err = fmax(step_err, fabs(gpu.mean_loss - ref.mean_loss));
+        last_gpu = gpu.mean_loss; last_cpu = ref.mean_loss;
+        cpu::gpt2_zero_grad(&ref);
+        cpu::gpt2_backward(&ref, 1.0f);
+        gpt2_zero_grad(&gpu);
+        gpt2_backward(&gpu, 1.0f);
+        cpu::gpt2_update(&ref, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, grad_clip_scale(cpu::gpt2_grad_norm(&ref), 1.0f), s + 1);
+        gpt2_update(&gpu, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, grad_clip_scale(gpt2_grad_norm(&gpu), 1.0f), s + 1);
+    }
+    snprintf(tname, sizeof(tname), "gpu_%s/model_%s/adamw_%d_steps", PRECISION_NAME, name, steps);
+    check(step_err <= steps_bound, tname, "last loss %.6f vs CPU %.6f, max abs diff %.2e (bound %.0e)", last_gpu, last_cpu, step_err, steps_bound);
+    free(logits); free(grads);
+    gpt2_free(&gpu);
+    cpu::gpt2_free(&ref);
+}
+
+// two runs of the same steps give the same bits, and a model rebuilt from a checkpoint's weights
+// and moments continues exactly as the uninterrupted one (the resume of a run)
+static void test_determinism_and_resume(void) {
+    GPT2Config c = tiny_dense(2);
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    fill_in_parameter_sizes(sizes, &c, 0);
+    size_t n = count_parameters(sizes);
+    float* init = (float*)callocCheck(n, sizeof(float));
+    ParameterTensors p;
+    point_parameters(&p, init, sizes);
+    gpt2_init_params(&p, sizes, &c, 0, 0, 5);
+    int x[16], y[16];
+    uint64_t rng = 7;
+    for (int i = 0; i < 16; i++) { x[i] = (int)(random_u32(&rng) % 100); y[i] = (int)(random_u32(&rng) % 100); }
+    float losses[2][6];
+    float* host_w[2];
+    float *saved_w = NULL, *saved_m = NULL, *saved_v = NULL;
+    for (int run = 0; run < 2; run++) {
+        GPT2 m;
+        gpt2_build(&m, &c, init, solo);
+        for (int s = 0; s < 6; s++) {
+            if (run == 1 && s == 3) { // resume: a new model from the step-3 weights and moments
+                gpt2_free(&m);
+                gpt2_build(&m, &c, saved_w, solo);
+                gpt2_set_moments(&m, saved_m, saved_v);
+            }
+            gpt2_forward(&m, x, y, 2, 8);
+            losses[run][s] = m.mean_loss;
+            gpt2_zero_grad(&m);
+            gpt2_backward(&m, 1.0f);
+            gpt2_update(&m, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.0f, grad_clip_scale(gpt2_grad_norm(&m), 1.0f), s + 1);
+            if (run == 0 && s == 2) {
+                saved_w = (float*)mallocCheck(n * sizeof(float));
+                saved_m = (float*)mallocCheck(n * sizeof(float));
+                saved_v = (float*)mallocCheck(n * sizeof(float));
+                memcpy(saved_w, gpt2_host_params(&m), n * sizeof(float));
+                cudaCheck(cudaMemcpy(saved_m, m.m_memory, n * sizeof(float), cudaMemcpyDeviceToHost));
+                cudaCheck(cudaMemcpy(saved_v, m.v_memory, n * sizeof(float), cudaMemcpyDeviceToHost));
+            }
+        }
+        host_w[run] = (float*)mallocCheck(n * sizeof(float));
+        memcpy(host_w[run], gpt2_host_params(&m), n * sizeof(float));
+        gpt2_free(&m);
+    }
+    int same = memcmp(losses[0], losses[1], sizeof(losses[0])) == 0 && memcmp(host_w[0], host_w[1], n * sizeof(float)) == 0;
+    char tname[160];
+    snprintf(tname, sizeof(tname), "gpu_%s/resume_bit_exact", PRECISION_NAME);
+    check(same, tname, "6 steps, rebuilt from the step-3 weights and moments after 3: losses %.6f..%.6f and final weights %s",
+          losses[1][0], losses[1][5], same ? "identical to the uninterrupted run" : "DIFFER");
+    free(init); free(host_w[0]); free(host_w[1]); free(saved_w); free(saved_m); free(saved_v);
+}
+
+int main(void) {
+    solo = comm_make(0, 1);
+    matmul_init();
+    test_encoder();
+    test_layernorm();
+    test_attention();
+    test_matmul();
+    test_classifier();
+    test_model("L1", 1, 10);
+    test_model("L3", 3, 10);
+    test_determinism_and_resume();
+    matmul_free();
+    comm_free(&solo);
+    return test_summary();
+}
