@@ -297,13 +297,21 @@ static void layernorm_backward(floatX* dinp, floatX* dweight, floatX* dbias, flo
 
 #define ATT_WARPS 4 // warps per block: T floats of shared memory each
 
+// the row (b, h, t) of (B, NH, T) this warp works on; 0 when the grid has more warps than rows
+__device__ inline int attention_row(int B, int T, int NH, int* b, int* h, int* t) {
+    int row = blockIdx.x * ATT_WARPS + threadIdx.x / 32;
+    if (row >= B * NH * T) { return 0; }
+    *t = row % T;
+    *h = (row / T) % NH;
+    *b = row / (T * NH);
+    return 1;
+}
+
 __global__ void attention_forward_kernel(floatX* out, floatX* att, // (B,T,C), (B,NH,T,T)
                                          const floatX* qkv, int B, int T, int C, int NH) { // (B,T,3C) holding q, k, v
     EMU_DYNAMIC_SHARED(float, att_rows); // (ATT_WARPS, T)
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int row = blockIdx.x * ATT_WARPS + warp;
-    if (row >= B * NH * T) { return; }
-    int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, b, h, t;
+    if (!attention_row(B, T, NH, &b, &h, &t)) { return; } // whole warps leave
     int C3 = 3 * C, hs = C / NH;
     float scale = 1.0f / sqrtf((float)hs);
     const floatX* q = qkv + ((size_t)b * T + t) * C3 + h * hs;
@@ -344,10 +352,8 @@ __global__ void attention_forward_kernel(floatX* out, floatX* att, // (B,T,C), (
 __global__ void attention_backward_query_kernel(floatX* dqkv, float* dpreatt,                          // (B,T,3C), (B,NH,T,T)
                                                 const floatX* dout, const floatX* qkv, const floatX* att, // (B,T,C), (B,T,3C), (B,NH,T,T)
                                                 int B, int T, int C, int NH) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int row = blockIdx.x * ATT_WARPS + warp;
-    if (row >= B * NH * T) { return; }
-    int t = row % T, h = (row / T) % NH, b = row / (T * NH);
+    int lane = threadIdx.x % 32, b, h, t;
+    if (!attention_row(B, T, NH, &b, &h, &t)) { return; } // whole warps leave
     int C3 = 3 * C, hs = C / NH;
     float scale = 1.0f / sqrtf((float)hs);
     const floatX* d = dout + ((size_t)b * T + t) * C + h * hs;
@@ -377,10 +383,8 @@ __global__ void attention_backward_query_kernel(floatX* dqkv, float* dpreatt,   
 __global__ void attention_backward_key_kernel(floatX* dqkv, const float* dpreatt,                       // (B,T,3C), (B,NH,T,T)
                                               const floatX* dout, const floatX* qkv, const floatX* att,   // (B,T,C), (B,T,3C), (B,NH,T,T)
                                               int B, int T, int C, int NH) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int row = blockIdx.x * ATT_WARPS + warp;
-    if (row >= B * NH * T) { return; }
-    int t2 = row % T, h = (row / T) % NH, b = row / (T * NH);
+    int lane = threadIdx.x % 32, b, h, t2;
+    if (!attention_row(B, T, NH, &b, &h, &t2)) { return; }
     int C3 = 3 * C, hs = C / NH;
     float scale = 1.0f / sqrtf((float)hs);
     size_t head = (size_t)(b * NH + h) * T * T;

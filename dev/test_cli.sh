@@ -12,19 +12,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # a small, fast configuration: d4 with 4 experts, 2 x 32 tokens per step
 SMALL="-e d4 -E 4 -K 2 -b 2 -t 32 -v 0 -s 0 -i $TRAIN -j $VAL"
 
-# expect_error NAME PATTERN ARGS...: non-zero exit, exactly one line on stderr, "error: ..."
-# matching PATTERN
-expect_error() {
-    local name=$1 pattern=$2; shift 2
-    "$BIN" "$@" >"$tmp/out" 2>"$tmp/err"
-    local rc=$? lines
-    lines=$(wc -l <"$tmp/err")
-    if [ $rc -ne 0 ] && [ "$lines" -eq 1 ] && grep -q '^error: ' "$tmp/err" && grep -q -- "$pattern" "$tmp/err"; then
-        echo "ok   bad_input/cli_$name exit $rc: $(cat "$tmp/err")"
-    else
-        echo "FAIL bad_input/cli_$name exit $rc, $lines stderr lines (want 1 matching '$pattern'): $(head -c 300 "$tmp/err")"
-    fi
-}
+PREFIX=bad_input/cli_
+source "$(dirname "$0")/expect_error.sh" # expect_error NAME PATTERN ARGS...: one "error:" line, non-zero exit
 
 # files: a shard with a wrong magic, a truncated one, one with a token >= vocab
 python3 - "$tmp" <<'PY'

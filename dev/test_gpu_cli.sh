@@ -63,17 +63,8 @@ else
 fi
 
 # bad input: one error line, as from the CPU trainer
-expect_error() { # name pattern args...
-    local name=$1 pattern=$2; shift 2
-    $BF16 "$@" >"$tmp/out" 2>"$tmp/err"
-    local rc=$? lines
-    lines=$(wc -l <"$tmp/err")
-    if [ $rc -ne 0 ] && [ "$lines" -eq 1 ] && grep -q '^error: ' "$tmp/err" && grep -q -- "$pattern" "$tmp/err"; then
-        echo "ok   gpu_cli/error_$name exit $rc: $(cat "$tmp/err")"
-    else
-        echo "FAIL gpu_cli/error_$name exit $rc, $lines stderr lines (want 1 matching '$pattern'): $(head -c 300 "$tmp/err")"
-    fi
-}
+BIN=$BF16 PREFIX=gpu_cli/error_
+source "$(dirname "$0")/expect_error.sh"
 expect_error moe_not_yet "MoE layers on the GPU are the next step" -e d4 -E 4 -K 2 -b 2 -t 32 -x 1 $DATA
 expect_error range_checked "flag -q: expected a number in \\[0, 1\\]" -e d4 -q 2 $DATA
 expect_error bad_checkpoint "bad magic 20240520" -e data/tinyshakespeare/tiny_shakespeare_val.bin $DATA
