@@ -13,13 +13,15 @@ choice. Per MoE layer, in this order:
   moe_groups_layout    sender: each expert's rows split by source (LSH groups, simulated ranks)
   moe_send_rows        rows to each rank: its experts' rows (or their LSH centroids)
   moe_receive_layout   receiver: rows arrive by source rank; their order regrouped by expert
-MoEStats holds the counters an MoE layer reports: dropped slots, all-to-all rows, LSH statistics.
+MoERouting holds all of it for every MoE layer (host memory); MoEStats the counters an MoE layer
+reports: dropped slots, all-to-all rows, LSH statistics.
 */
 #ifndef MOE_LAYOUT_H
 #define MOE_LAYOUT_H
 
 #include <limits.h>
 #include <math.h>
+#include "utils.h"  // callocCheck
 #include "lshmoe.h" // LSHStats
 
 // the counters of the last forward and backward of a model's MoE layers, summed over layers
@@ -33,6 +35,69 @@ typedef struct {
     long long wire_rows[2];
     LSHStats lsh;             // LSH compression (lshmoe.h), forward and backward
 } MoEStats;
+
+// The integer side of routing, per MoE layer, on the host (the GPU trainer copies what its kernels
+// need). A group is the rows one source sends to one expert: (expert e, source v) with V sources
+// per process (V > 1 simulates V ranks in one process). S = N*K slots of this rank's batch.
+#define NUM_ROUTING_TENSORS 15
+typedef struct {
+    int* expert_idx;     // (Lm, N, K) chosen experts, best first
+    int* counts;         // (Lm, W, E) slots every rank routed to each expert, before capacity
+    int* kept;           // (Lm, W, E) of those, the slots each expert keeps
+    int* wire;           // (Lm, W, E) rows each rank sends each expert: kept, or centroids with LSH
+    int* slot_row;       // (Lm, S) row of each slot in the send buffer, -1 if dropped
+    int* row_slot;       // (Lm, S) slot of each send-buffer row
+    int* send_offsets;   // (Lm, E+1) send rows of expert e: [send_offsets[e], send_offsets[e+1])
+    int* recv_rows;      // (Lm, W) rows received from each rank
+    int* recv_perm;      // (Lm, W*S) received row -> row grouped by local expert
+    int* expert_offsets; // (Lm, E_local+1) rows of local expert e: [offsets[e], offsets[e+1])
+    int* send_rows;      // (Lm, W) rows sent to each rank
+    int* group_rows;     // (Lm, E*V+1) send rows of group g = e*V + v: [group_rows[g], group_rows[g+1])
+    int* group_cents;    // (Lm, E*V+1) LSH: centroid rows of group g
+    int* bucket_of_row;  // (Lm, S) LSH: bucket of each send row within its group
+    int* bucket_size;    // (Lm, S) LSH: rows in each bucket, at the group's centroid offset
+} MoERouting;
+
+// one allocation for Lm layers of S slots (the largest batch) carved into the tensors; lsh: with
+// the LSH ones. Returns the allocation.
+static inline int* moe_routing_allocate(MoERouting* r, int Lm, size_t S, int W, int E, int E_local, int V, int lsh) {
+    size_t G1 = (size_t)E * V + 1, LS = lsh ? Lm * S : 0, WE = (size_t)W * E;
+    size_t sizes[NUM_ROUTING_TENSORS] = {Lm * S, Lm * WE, Lm * WE, Lm * WE, Lm * S, Lm * S, Lm * ((size_t)E + 1), (size_t)Lm * W,
+                                         Lm * W * S, Lm * ((size_t)E_local + 1), (size_t)Lm * W, Lm * G1, Lm * G1, LS, LS};
+    size_t total = 0;
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { total += sizes[i]; }
+    int* memory = (int*)callocCheck(total + 1, sizeof(int));
+    int** ptrs[NUM_ROUTING_TENSORS] = {&r->expert_idx, &r->counts, &r->kept, &r->wire, &r->slot_row, &r->row_slot,
+                                       &r->send_offsets, &r->recv_rows, &r->recv_perm, &r->expert_offsets, &r->send_rows,
+                                       &r->group_rows, &r->group_cents, &r->bucket_of_row, &r->bucket_size};
+    int* iter = memory;
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { *(ptrs[i]) = iter; iter += sizes[i]; }
+    return memory;
+}
+
+// the tensors of MoE layer m among r's, for a forward of S slots; WS: the rows one rank's experts
+// can receive (W times the allocation's slots)
+static inline MoERouting moe_routing_layer(MoERouting r, int m, size_t S, size_t WS, int W, int E, int E_local, int V, int lsh) {
+    size_t G1 = (size_t)E * V + 1, WE = (size_t)W * E;
+    r.expert_idx += m * S;
+    r.counts += m * WE;
+    r.kept += m * WE;
+    r.wire += m * WE;
+    r.slot_row += m * S;
+    r.row_slot += m * S;
+    r.send_offsets += (size_t)m * (E + 1);
+    r.recv_rows += (size_t)m * W;
+    r.recv_perm += m * WS;
+    r.expert_offsets += (size_t)m * (E_local + 1);
+    r.send_rows += (size_t)m * W;
+    r.group_rows += m * G1;
+    r.group_cents += m * G1;
+    if (lsh) {
+        r.bucket_of_row += m * S;
+        r.bucket_size += m * S;
+    }
+    return r;
+}
 
 // total (E) = the slots all W ranks routed to each expert; returns total
 static inline int* moe_total_counts(int* total, const int* counts, int W, int E) { // (E), (W,E)

@@ -116,43 +116,6 @@ float* malloc_and_point_activations(ActivationTensors* acts, const size_t* act_s
     return acts_memory;
 }
 
-// the integer side of routing, per MoE layer. A group is the rows one source sends to one expert:
-// (expert e, source v) with V sources per process (V > 1 simulates V ranks in one process).
-#define NUM_ROUTING_TENSORS 15
-typedef struct {
-    int* expert_idx;     // (Lm, N, K) chosen experts, best first
-    int* counts;         // (Lm, W, E) slots every rank routed to each expert, before capacity
-    int* kept;           // (Lm, W, E) of those, the slots each expert keeps
-    int* wire;           // (Lm, W, E) rows each rank sends each expert: kept, or centroids with LSH
-    int* slot_row;       // (Lm, S) row of each slot in the send buffer, -1 if dropped
-    int* row_slot;       // (Lm, S) slot of each send-buffer row
-    int* send_offsets;   // (Lm, E+1) send rows of expert e: [send_offsets[e], send_offsets[e+1])
-    int* recv_rows;      // (Lm, W) rows received from each rank
-    int* recv_perm;      // (Lm, W*S) received row -> row grouped by local expert
-    int* expert_offsets; // (Lm, E_local+1) rows of local expert e: [offsets[e], offsets[e+1])
-    int* send_rows;      // (Lm, W) rows sent to each rank
-    int* group_rows;     // (Lm, E*V+1) send rows of group g = e*V + v: [group_rows[g], group_rows[g+1])
-    int* group_cents;    // (Lm, E*V+1) LSH: centroid rows of group g
-    int* bucket_of_row;  // (Lm, S) LSH: bucket of each send row within its group
-    int* bucket_size;    // (Lm, S) LSH: rows in each bucket, at the group's centroid offset
-} MoERouting;
-
-int* malloc_and_point_routing(MoERouting* r, const GPT2Config* config, size_t B, size_t T, int W, int E_local, int V, int lsh) {
-    size_t Lm = num_moe_layers(config), E = config->num_experts, K = config->top_k, S = B * T * K;
-    size_t G1 = E * V + 1, LS = lsh ? Lm * S : 0;
-    size_t sizes[NUM_ROUTING_TENSORS] = {Lm * S, Lm * W * E, Lm * W * E, Lm * W * E, Lm * S, Lm * S, Lm * (E + 1), Lm * W,
-                                         Lm * W * S, Lm * (E_local + 1), Lm * W, Lm * G1, Lm * G1, LS, LS};
-    size_t total = 0;
-    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { total += sizes[i]; }
-    int* memory = (int*)callocCheck(total + 1, sizeof(int));
-    int** ptrs[NUM_ROUTING_TENSORS] = {&r->expert_idx, &r->counts, &r->kept, &r->wire, &r->slot_row, &r->row_slot,
-                                       &r->send_offsets, &r->recv_rows, &r->recv_perm, &r->expert_offsets, &r->send_rows,
-                                       &r->group_rows, &r->group_cents, &r->bucket_of_row, &r->bucket_size};
-    int* iter = memory;
-    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { *(ptrs[i]) = iter; iter += sizes[i]; }
-    return memory;
-}
-
 // buffers the MoE layers share (one layer runs at a time): the all-to-alls' staging rows, their
 // LSH centroids, and small per-layer scratch, each with one meaning
 typedef struct {
@@ -786,27 +749,9 @@ void lsh_groups_compress_backward(GPT2* model, const float* dy, const MoERouting
 // the routing tensors of MoE layer m, for a forward of N tokens
 MoERouting moe_layer_routing(const GPT2* model, int m, int N) {
     const GPT2Config* c = &model->config;
-    size_t E = c->num_experts, W = model->comm.world, S = (size_t)N * c->top_k, G1 = E * model->sources + 1;
-    size_t WS = W * model->batch_size * model->seq_len * c->top_k; // rows one rank's experts can receive
-    MoERouting r = model->routing;
-    r.expert_idx += m * S;
-    r.counts += m * W * E;
-    r.kept += m * W * E;
-    r.wire += m * W * E;
-    r.slot_row += m * S;
-    r.row_slot += m * S;
-    r.send_offsets += m * (E + 1);
-    r.recv_rows += m * W;
-    r.recv_perm += m * WS;
-    r.expert_offsets += m * (model->E_local + 1);
-    r.send_rows += m * W;
-    r.group_rows += m * G1;
-    r.group_cents += m * G1;
-    if (model->lsh.L > 0) {
-        r.bucket_of_row += m * S;
-        r.bucket_size += m * S;
-    }
-    return r;
+    size_t WS = (size_t)model->comm.world * model->batch_size * model->seq_len * c->top_k; // rows one rank's experts can receive
+    return moe_routing_layer(model->routing, m, (size_t)N * c->top_k, WS, model->comm.world, c->num_experts, model->E_local,
+                             model->sources, model->lsh.L > 0);
 }
 
 // the MoE tensors of layer m among a's (activations or their gradients); the others as they are
@@ -986,7 +931,7 @@ void gpt2_allocate_activations(GPT2* model, size_t B, size_t T) {
     model->seq_len = T;
     fill_in_activation_sizes(model->act_sizes, cfg, B, T, W);
     model->acts_memory = malloc_and_point_activations(&model->acts, model->act_sizes);
-    model->routing_memory = malloc_and_point_routing(&model->routing, cfg, B, T, W, model->E_local, model->sources, lsh);
+    model->routing_memory = moe_routing_allocate(&model->routing, num_moe_layers(cfg), B * T * cfg->top_k, W, E, model->E_local, model->sources, lsh);
     model->inputs = (int*)mallocCheck(B * T * sizeof(int));
     model->targets = (int*)mallocCheck(B * T * sizeof(int));
     if (num_moe_layers(cfg) == 0) { return; }
