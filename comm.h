@@ -6,6 +6,7 @@ so one code path serves both. The only place where USE_MPI appears.
 API:
   Comm comm = comm_init(&argc, &argv);      // sets process_rank (utils.h); comm_finalize(&comm)
   alltoall_rows(send, send_rows, recv, recv_rows, C, &comm);   // rows of C floats, by rank
+  alltoall_rows_bytes(...)                                      // rows of any size
   allgather_ints / allreduce_floats / allreduce_doubles / gather_floats / comm_barrier
   comm_check_all(failed, msg, &comm);       // any rank failed: one line on rank 0, all exit
   comm_any(flag, &comm), comm_min_int(x, &comm), mean_over_ranks(x, &comm)
@@ -16,6 +17,7 @@ Example (the dispatch of an MoE layer: each rank sends its rows for rank q's exp
 #ifndef COMM_H
 #define COMM_H
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,24 +91,34 @@ static inline void comm_finalize(Comm* c) {
 #endif
 }
 
-// each rank sends send_rows[q] rows of C floats to rank q, in rank order, and receives
-// recv_rows[q] rows from rank q, stored in rank order
-static inline void alltoall_rows(const float* send, const int* send_rows, float* recv, const int* recv_rows, // (sum send_rows, C), (W), ..
-                                 int C, const Comm* comm) {
+// each rank sends send_rows[q] rows of row_bytes bytes to rank q, in rank order, and receives
+// recv_rows[q] rows from rank q, stored in rank order (send and recv may be device memory only
+// under the CPU emulation of CUDA, where it is host memory)
+static inline void alltoall_rows_bytes(const void* send, const int* send_rows, void* recv, const int* recv_rows, // (sum send_rows rows), (W), ..
+                                       size_t row_bytes, const Comm* comm) {
 #ifdef USE_MPI
     if (comm->world > 1) {
         int W = comm->world;
         int* sc = comm->scratch; int* sd = sc + W; int* rc = sc + 2 * W; int* rd = sc + 3 * W;
-        for (int q = 0, so = 0, ro = 0; q < W; q++) {
-            sc[q] = send_rows[q] * C; sd[q] = so; so += sc[q];
-            rc[q] = recv_rows[q] * C; rd[q] = ro; ro += rc[q];
+        long long so = 0, ro = 0;
+        for (int q = 0; q < W; q++) {
+            long long s_bytes = (long long)send_rows[q] * row_bytes, r_bytes = (long long)recv_rows[q] * row_bytes;
+            if (so + s_bytes > INT_MAX || ro + r_bytes > INT_MAX) { fail_exit("alltoall: more than 2^31 bytes in one all-to-all (lower -b or -t)"); }
+            sc[q] = (int)s_bytes; sd[q] = (int)so; so += s_bytes;
+            rc[q] = (int)r_bytes; rd[q] = (int)ro; ro += r_bytes;
         }
-        mpiCheck(MPI_Alltoallv(send, sc, sd, MPI_FLOAT, recv, rc, rd, MPI_FLOAT, comm->mpi));
+        mpiCheck(MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, comm->mpi));
         return;
     }
 #endif
     (void)recv_rows;
-    if (send != recv) { memcpy(recv, send, (size_t)send_rows[0] * C * sizeof(float)); }
+    if (send != recv) { memcpy(recv, send, (size_t)send_rows[0] * row_bytes); }
+}
+
+// the same for rows of C floats
+static inline void alltoall_rows(const float* send, const int* send_rows, float* recv, const int* recv_rows, // (sum send_rows, C), (W), ..
+                                 int C, const Comm* comm) {
+    alltoall_rows_bytes(send, send_rows, recv, recv_rows, (size_t)C * sizeof(float), comm);
 }
 
 // recv (W*n) = every rank's n ints, in rank order

@@ -424,12 +424,193 @@ static void test_classifier(void) {
 }
 
 // ----------------------------------------------------------------------------
+// the MoE layer's kernels, on a layout made by the CPU trainer's router and moe_layout.h, with
+// capacity dropping some slots
+
+static const int ME = 6, MK = 2, MS = N * MK; // experts, top-k, slots
+
+struct MoeCtx {
+    floatX *x, *y, *dout, *out, *dx, *dy, *send, *dwr, *perm_in, *perm_out;
+    float *wr, *logits, *probs, *gates, *lse, *dgates, *dlogits, *f;
+    int *idx, *slot_row, *row_slot, *perm;
+    int R, mode;
+    float lb_scale, z_scale;
+};
+static void moe_run(void* p) {
+    MoeCtx* c = (MoeCtx*)p;
+    if (c->mode == 0) { launch_kernel(router_forward_kernel, dim3(CEIL_DIV(N, 8)), dim3(256), 0, 0, c->logits, c->probs, c->idx, c->gates, c->lse, c->x, c->wr, N, C, ME, MK, 1); }
+    if (c->mode == 1) {
+        cudaCheck(cudaMemcpy(c->dx, c->x, (size_t)N * C * sizeof(floatX), cudaMemcpyDeviceToDevice)); // dx accumulates onto x's values
+        cudaCheck(cudaMemset(c->dwr, 0, (size_t)ME * C * sizeof(floatX)));
+        launch_kernel(router_backward_kernel, dim3(CEIL_DIV(N, 8)), dim3(256), 0, 0, c->dx, c->dlogits, c->dgates, c->logits, c->probs, c->idx, c->gates,
+                      c->f, c->lb_scale, c->z_scale, c->wr, N, C, ME, MK, 1);
+        launch_kernel(router_backward_weight_kernel, grid_for((size_t)ME * C, 256), dim3(256), 0, 0, c->dwr, c->dlogits, c->x, N, C, ME);
+    }
+    if (c->mode == 2) { launch_kernel(moe_combine_forward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, 0, c->out, c->y, c->gates, c->slot_row, N, C, MK); }
+    if (c->mode == 3) {
+        launch_kernel(moe_combine_backward_kernel, grid_for((size_t)c->R * C, 256), dim3(256), 0, 0, c->dy, c->dout, c->gates, c->row_slot, c->R, C, MK);
+        launch_kernel(moe_gates_backward_kernel, dim3(CEIL_DIV(MS, 8)), dim3(256), 0, 0, c->dgates, c->dout, c->y, c->slot_row, MS, C, MK);
+    }
+    if (c->mode == 4) { launch_kernel(moe_gather_kernel, grid_for((size_t)c->R * C, 256), dim3(256), 0, 0, c->send, c->x, c->row_slot, c->R, C, MK); }
+    if (c->mode == 5) { launch_kernel(moe_scatter_backward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, 0, c->dx, c->dy, c->slot_row, N, C, MK); }
+    if (c->mode == 6) { launch_kernel(permute_rows_kernel, grid_for((size_t)c->R * C, 256), dim3(256), 0, 0, c->perm_out, c->perm_in, c->perm, c->R, C, 1); }
+    if (c->mode == 7) { launch_kernel(permute_rows_kernel, grid_for((size_t)c->R * C, 256), dim3(256), 0, 0, c->perm_out, c->perm_in, c->perm, c->R, C, 0); }
+}
+static float* concat(float* a, size_t na, const float* b, size_t nb) {
+    a = (float*)realloc(a, (na + nb) * sizeof(float));
+    memcpy(a + na, b, nb * sizeof(float));
+    return a;
+}
+static float* moe_read(void* p, size_t* n) {
+    MoeCtx* c = (MoeCtx*)p;
+    size_t NC = (size_t)N * C, RC = (size_t)c->R * C;
+    if (c->mode == 0) { // logits, probs, gates, then the chosen experts as floats
+        float* a = floats_to_host(c->logits, (size_t)N * ME);
+        float* b = floats_to_host(c->probs, (size_t)N * ME);
+        float* g = floats_to_host(c->gates, MS);
+        int idx[MS];
+        cudaCheck(cudaMemcpy(idx, c->idx, MS * sizeof(int), cudaMemcpyDeviceToHost));
+        float fi[MS];
+        for (int i = 0; i < MS; i++) { fi[i] = (float)idx[i]; }
+        a = concat(a, (size_t)N * ME, b, (size_t)N * ME);
+        a = concat(a, 2 * (size_t)N * ME, g, MS);
+        a = concat(a, 2 * (size_t)N * ME + MS, fi, MS);
+        free(b); free(g);
+        *n = 2 * (size_t)N * ME + 2 * MS;
+        return a;
+    }
+    if (c->mode == 1) { float* a = to_host(c->dx, NC); float* w = to_host(c->dwr, (size_t)ME * C); a = concat(a, NC, w, (size_t)ME * C); free(w); *n = NC + (size_t)ME * C; return a; }
+    if (c->mode == 2 || c->mode == 5) { *n = NC; return to_host(c->mode == 2 ? c->out : c->dx, NC); }
+    if (c->mode == 3) { float* a = to_host(c->dy, RC); float* g = floats_to_host(c->dgates, MS); a = concat(a, RC, g, MS); free(g); *n = RC + MS; return a; }
+    if (c->mode == 4) { *n = RC; return to_host(c->send, RC); }
+    *n = RC;
+    return to_host(c->perm_out, RC);
+}
+
+static floatX* device_zeros(size_t n) {
+    floatX* d;
+    cudaCheck(cudaMalloc((void**)&d, n * sizeof(floatX)));
+    cudaCheck(cudaMemset(d, 0, n * sizeof(floatX)));
+    return d;
+}
+static float* device_floats(const float* x, size_t n) {
+    float* d;
+    cudaCheck(cudaMalloc((void**)&d, n * sizeof(float)));
+    if (x != NULL) { cudaCheck(cudaMemcpy(d, x, n * sizeof(float), cudaMemcpyHostToDevice)); } else { cudaCheck(cudaMemset(d, 0, n * sizeof(float))); }
+    return d;
+}
+static int* device_ints(const int* x, size_t n) {
+    int* d;
+    cudaCheck(cudaMalloc((void**)&d, n * sizeof(int)));
+    cudaCheck(cudaMemcpy(d, x, n * sizeof(int), cudaMemcpyHostToDevice));
+    return d;
+}
+
+static void test_moe_kernels(void) {
+    size_t NC = (size_t)N * C;
+    float* x = random_floatX_values(NC, 1.0f, 30);
+    float* wr = (float*)mallocCheck((size_t)ME * C * sizeof(float)); // the router is fp32 in both builds
+    uint64_t rng = 31;
+    normal_fill(wr, (size_t)ME * C, 0.5f, &rng);
+    // the CPU trainer's routing, capacity and layout
+    float *logits = (float*)mallocCheck((size_t)N * ME * sizeof(float)), *probs = (float*)mallocCheck((size_t)N * ME * sizeof(float));
+    float gates[MS], z;
+    int idx[MS], counts[ME], kept[ME], fill[ME], slot_row[MS], row_slot[MS], offsets[ME + 1];
+    cpu::moe_router_forward(logits, probs, idx, gates, counts, &z, x, wr, N, C, ME, MK, 1);
+    long long dropped = moe_capacity_plan(kept, counts, 1, ME, moe_capacity(0.8f, N, MK, ME));
+    moe_dispatch_layout(slot_row, row_slot, offsets, fill, idx, kept, MS, ME);
+    MoeCtx c;
+    c.R = offsets[ME];
+    c.x = to_device(x, NC);
+    c.wr = device_floats(wr, (size_t)ME * C);
+    c.logits = device_floats(NULL, (size_t)N * ME); c.probs = device_floats(NULL, (size_t)N * ME);
+    c.gates = device_floats(NULL, MS); c.lse = device_floats(NULL, N); c.dgates = device_floats(NULL, MS);
+    c.dlogits = device_floats(NULL, (size_t)N * ME);
+    int zeros[MS] = {0};
+    c.idx = device_ints(zeros, MS);
+    c.out = device_zeros(NC); c.dx = device_zeros(NC); c.dwr = device_zeros((size_t)ME * C);
+    float* ref = (float*)callocCheck(4 * NC + 4 * (size_t)N * ME + 4 * MS + (size_t)ME * C, sizeof(float));
+    memcpy(ref, logits, (size_t)N * ME * sizeof(float));
+    memcpy(ref + (size_t)N * ME, probs, (size_t)N * ME * sizeof(float));
+    memcpy(ref + 2 * (size_t)N * ME, gates, MS * sizeof(float));
+    for (int i = 0; i < MS; i++) { ref[2 * (size_t)N * ME + MS + i] = (float)idx[i]; }
+    c.mode = 0;
+    check_kernel("moe_router_forward", moe_run, moe_read, &c, ref, 1e-5); // fp32 in both builds; the chosen experts exactly
+    // the router's backward: from the CPU's forward state, with lb and z weights
+    cudaCheck(cudaMemcpy(c.logits, logits, (size_t)N * ME * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(c.probs, probs, (size_t)N * ME * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(c.gates, gates, MS * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(c.idx, idx, MS * sizeof(int), cudaMemcpyHostToDevice));
+    float* dg = random_floatX_values(MS, 1.0f, 32);
+    cudaCheck(cudaMemcpy(c.dgates, dg, MS * sizeof(float), cudaMemcpyHostToDevice));
+    float f[ME];
+    for (int e = 0; e < ME; e++) { f[e] = (float)((double)counts[e] / MS); }
+    c.f = device_floats(f, ME);
+    c.lb_scale = 0.3f; c.z_scale = 0.05f;
+    float* dref = (float*)callocCheck(NC + (size_t)ME * C, sizeof(float));
+    memcpy(dref, x, NC * sizeof(float));
+    float *dl = (float*)mallocCheck((size_t)N * ME * sizeof(float)), *dp = (float*)mallocCheck((size_t)N * ME * sizeof(float));
+    cpu::moe_router_backward(dref, dref + NC, dl, dp, dg, x, wr, logits, probs, idx, gates, counts, MS, c.lb_scale, c.z_scale, N, C, ME, MK, 1);
+    c.mode = 1;
+    check_kernel("moe_router_backward", moe_run, moe_read, &c, dref, KERNEL_BOUND);
+    // combine: a gate-weighted gather per token; its backward
+    float* y = random_floatX_values((size_t)c.R * C, 1.0f, 33);
+    c.y = to_device(y, (size_t)c.R * C);
+    c.slot_row = device_ints(slot_row, MS);
+    c.row_slot = device_ints(row_slot, c.R);
+    float* cref = (float*)callocCheck(NC + (size_t)c.R * C + MS, sizeof(float));
+    cpu::moe_combine_forward(cref, y, gates, slot_row, N, C, MK);
+    c.mode = 2;
+    check_kernel("moe_combine_forward", moe_run, moe_read, &c, cref, KERNEL_BOUND);
+    float* dout = random_floatX_values(NC, 1.0f, 34);
+    c.dout = to_device(dout, NC);
+    c.dy = device_zeros((size_t)c.R * C);
+    memset(cref, 0, (NC + (size_t)c.R * C + MS) * sizeof(float));
+    cpu::moe_combine_backward(cref, cref + (size_t)c.R * C, dout, y, gates, slot_row, N, C, MK);
+    c.mode = 3;
+    check_kernel("moe_combine_backward", moe_run, moe_read, &c, cref, KERNEL_BOUND);
+    // dispatch: the gather of the kept rows, and its backward (a sum per token)
+    c.send = device_zeros((size_t)c.R * C);
+    float* sref = (float*)callocCheck((size_t)MS * C, sizeof(float)); // R <= MS rows forward, N rows backward
+    cpu::moe_dispatch_forward(sref, x, row_slot, c.R, C, MK);
+    c.mode = 4;
+    check_kernel("moe_dispatch_forward", moe_run, moe_read, &c, sref, KERNEL_BOUND);
+    cudaCheck(cudaMemcpy(c.dy, c.y, (size_t)c.R * C * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    memset(sref, 0, NC * sizeof(float));
+    cpu::moe_dispatch_backward(sref, y, row_slot, c.R, C, MK);
+    c.mode = 5;
+    check_kernel("moe_dispatch_backward", moe_run, moe_read, &c, sref, KERNEL_BOUND);
+    // rows to the experts' order and back (a reversal stands in for a receive layout)
+    int perm[MS];
+    for (int i = 0; i < c.R; i++) { perm[i] = c.R - 1 - i; }
+    c.perm = device_ints(perm, c.R);
+    c.perm_in = c.y;
+    c.perm_out = device_zeros((size_t)c.R * C);
+    float* pref = (float*)callocCheck((size_t)c.R * C, sizeof(float));
+    cpu::moe_rows_to_experts(pref, y, perm, c.R, C);
+    c.mode = 6;
+    check_kernel("moe_rows_to_experts", moe_run, moe_read, &c, pref, KERNEL_BOUND);
+    cpu::moe_rows_to_sources(pref, y, perm, c.R, C);
+    c.mode = 7;
+    check_kernel("moe_rows_to_sources", moe_run, moe_read, &c, pref, KERNEL_BOUND);
+    char tname[128];
+    snprintf(tname, sizeof(tname), "gpu_%s/moe_layout_has_drops", PRECISION_NAME);
+    check(dropped > 0 && c.R < MS, tname, "%lld of %d slots dropped at capacity 0.8: the kernels saw dropped slots", dropped, MS);
+    cudaFree(c.x); cudaFree(c.wr); cudaFree(c.logits); cudaFree(c.probs); cudaFree(c.gates); cudaFree(c.lse); cudaFree(c.dgates);
+    cudaFree(c.dlogits); cudaFree(c.idx); cudaFree(c.out); cudaFree(c.dx); cudaFree(c.dwr); cudaFree(c.f); cudaFree(c.y); cudaFree(c.slot_row);
+    cudaFree(c.row_slot); cudaFree(c.dout); cudaFree(c.dy); cudaFree(c.send); cudaFree(c.perm); cudaFree(c.perm_out);
+    free(x); free(wr); free(logits); free(probs); free(ref); free(dg); free(dref); free(dl); free(dp); free(y); free(cref); free(dout);
+    free(sref); free(pref);
+}
+
+// ----------------------------------------------------------------------------
 // the whole model on tiny configs, against the CPU trainer on the same weights and batch
 
-static GPT2Config tiny_dense(int L) {
+static GPT2Config tiny_config(int E, int K, int moe_every, int L) {
     GPT2Config c = {0};
     c.max_seq_len = 16; c.vocab_size = 100; c.padded_vocab_size = 128;
     c.num_layers = L; c.num_heads = 2; c.channels = 32;
+    c.num_experts = E; c.top_k = K; c.moe_every = moe_every; c.expert_hidden = 48; c.renorm_gates = 1;
     return c;
 }
 
@@ -438,29 +619,45 @@ static GPT2Config tiny_dense(int L) {
 // of its largest entry (the CPU trainer's own bound against PyTorch). bf16: weights, activations
 // and gradients are rounded to 8 bits of mantissa at every layer (2^-9 relative each): the
 // losses within 2e-2 (they are ~4.6), logits and gradients within 5e-2 normwise; AdamW's
-// normalised steps amplify gradient noise, so the 10-step losses within 5e-2.
-static void test_model(const char* name, int L, int steps) {
-    GPT2Config c = tiny_dense(L);
+// normalised steps amplify gradient noise, so the 10-step losses within 5e-2. An MoE layer's
+// router reads the bf16 ln2 output (the CPU's is fp32): with these routers' large logits (the
+// z-losses are 20-40) a 2^-9 relative error in a logit is ~1e-2 absolute, which moves
+// probabilities and gates by ~1%, and the load-balancing and z-loss gradients with them; so MoE
+// models in bf16 get 0.2 for their gradients and their 10-step losses.
+static void test_model(const char* name, GPT2Config c, float capacity_factor, int steps) {
     cpu::GPT2 ref;
     cpu::gpt2_build(&ref, &c, NULL, solo);
     uint64_t rng = 99;
     normal_fill(ref.params_memory, ref.num_parameters, 0.1f, &rng);
+    normal_fill(ref.params.routerw, ref.param_sizes[PARAM_ROUTERW], 0.5f, &rng); // routers far from uniform
     for (size_t i = 0; i < ref.param_sizes[PARAM_LN1W]; i++) { ref.params.ln1w[i] += 1.0f; ref.params.ln2w[i] += 1.0f; }
     for (size_t i = 0; i < ref.num_parameters; i++) { ref.params_memory[i] = (float)(floatX)ref.params_memory[i]; } // the GPU's weights exactly
     GPT2 gpu;
     gpt2_build(&gpu, &c, ref.params_memory, solo);
+    ref.capacity_factor = gpu.capacity_factor = capacity_factor;
+    ref.aux_loss_weight = gpu.aux_loss_weight = 0.1f; // heavier than the default, so their gradients show
+    ref.z_loss_weight = gpu.z_loss_weight = 0.01f;
     int Bm = 2, Tm = 8, Nm = Bm * Tm;
     int x[16], y[16];
     for (int i = 0; i < Nm; i++) { x[i] = (int)(random_u32(&rng) % 100); y[i] = (int)(random_u32(&rng) % 100); }
     cpu::gpt2_forward(&ref, x, y, Bm, Tm);
     gpt2_forward(&gpu, x, y, Bm, Tm);
-    double loss_bound = is_fp32 ? 1e-5 : 2e-2, grad_bound = is_fp32 ? 1e-4 : 5e-2, steps_bound = is_fp32 ? 1e-5 : 5e-2;
+    int moe = c.num_experts > 1;
+    double logits_bound = is_fp32 ? 1e-4 : 5e-2;
+    double loss_bound = is_fp32 ? 1e-5 : 2e-2, grad_bound = is_fp32 ? 1e-4 : (moe ? 0.2 : 5e-2), steps_bound = is_fp32 ? 1e-5 : (moe ? 0.2 : 5e-2);
     char tname[160];
     float* logits = to_host(gpu.acts.logits, (size_t)Nm * c.padded_vocab_size);
     double le = rel_error(logits, ref.acts.logits, (size_t)Nm * c.padded_vocab_size);
-    snprintf(tname, sizeof(tname), "gpu_%s/model_%s/logits_and_loss", PRECISION_NAME, name);
-    check(le <= grad_bound && fabs(gpu.mean_loss - ref.mean_loss) <= loss_bound, tname,
-          "logits rel. error %.2e (bound %.0e), loss %.6f vs CPU %.6f (bound %.0e)", le, grad_bound, gpu.mean_loss, ref.mean_loss, loss_bound);
+    snprintf(tname, sizeof(tname), "gpu_%s/model_%s/logits_and_losses", PRECISION_NAME, name);
+    double aux_err = fmax(fmax(fabs(gpu.lb_loss - ref.lb_loss), fabs(gpu.z_loss - ref.z_loss)), fabs(gpu.total_loss - ref.total_loss));
+    check(le <= logits_bound && fabs(gpu.mean_loss - ref.mean_loss) <= loss_bound && aux_err <= loss_bound * 10, tname,
+          "logits rel. error %.2e (bound %.0e), ce %.6f vs CPU %.6f (bound %.0e), lb %.5f z %.5f, max aux/total diff %.1e (bound %.0e)",
+          le, logits_bound, gpu.mean_loss, ref.mean_loss, loss_bound, gpu.lb_loss, gpu.z_loss, aux_err, loss_bound * 10);
+    if (c.num_experts > 1) {
+        snprintf(tname, sizeof(tname), "gpu_%s/model_%s/dropped_slots", PRECISION_NAME, name);
+        check(gpu.stats.dropped_slots == ref.stats.dropped_slots && (capacity_factor <= 0.0f) == (ref.stats.dropped_slots == 0), tname,
+              "%lld dropped slots (CPU %lld) at capacity %.2f", gpu.stats.dropped_slots, ref.stats.dropped_slots, capacity_factor);
+    }
     cpu::gpt2_zero_grad(&ref);
     cpu::gpt2_backward(&ref, 1.0f);
     gpt2_zero_grad(&gpu);
@@ -488,8 +685,8 @@ static void test_model(const char* name, int L, int steps) {
     for (int s = 0; s < steps; s++) {
         cpu::gpt2_forward(&ref, x, y, Bm, Tm);
         gpt2_forward(&gpu, x, y, Bm, Tm);
-        step_err = fmax(step_err, fabs(gpu.mean_loss - ref.mean_loss));
-        last_gpu = gpu.mean_loss; last_cpu = ref.mean_loss;
+        step_err = fmax(step_err, fabs(gpu.total_loss - ref.total_loss));
+        last_gpu = gpu.total_loss; last_cpu = ref.total_loss;
         cpu::gpt2_zero_grad(&ref);
         cpu::gpt2_backward(&ref, 1.0f);
         gpt2_zero_grad(&gpu);
@@ -507,14 +704,14 @@ static void test_model(const char* name, int L, int steps) {
 // two runs of the same steps give the same bits, and a model rebuilt from a checkpoint's weights
 // and moments continues exactly as the uninterrupted one (the resume of a run)
 static void test_determinism_and_resume(void) {
-    GPT2Config c = tiny_dense(2);
+    GPT2Config c = tiny_config(4, 2, 1, 2); // MoE: routing and dropping must repeat exactly too
     size_t sizes[NUM_PARAMETER_TENSORS];
-    fill_in_parameter_sizes(sizes, &c, 0);
+    fill_in_parameter_sizes(sizes, &c, 4);
     size_t n = count_parameters(sizes);
     float* init = (float*)callocCheck(n, sizeof(float));
     ParameterTensors p;
     point_parameters(&p, init, sizes);
-    gpt2_init_params(&p, sizes, &c, 0, 0, 5);
+    gpt2_init_params(&p, sizes, &c, 4, 0, 5);
     int x[16], y[16];
     uint64_t rng = 7;
     for (int i = 0; i < 16; i++) { x[i] = (int)(random_u32(&rng) % 100); y[i] = (int)(random_u32(&rng) % 100); }
@@ -564,8 +761,12 @@ int main(void) {
     test_attention();
     test_matmul();
     test_classifier();
-    test_model("L1", 1, 10);
-    test_model("L3", 3, 10);
+    test_moe_kernels();
+    test_model("dense_L1", tiny_config(0, 0, 1, 1), 0.0f, 10);
+    test_model("dense_L3", tiny_config(0, 0, 1, 3), 0.0f, 10);
+    test_model("moe_E8_K2_capacity", tiny_config(8, 2, 1, 2), 1.25f, 10);
+    test_model("moe_E8_K2_dropless_every2", tiny_config(8, 2, 2, 3), 0.0f, 10);
+    test_model("moe_E4_K1_capacity", tiny_config(4, 1, 1, 2), 1.0f, 10);
     test_determinism_and_resume();
     matmul_free();
     comm_free(&solo);

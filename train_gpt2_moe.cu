@@ -3,32 +3,37 @@ GPT-2 with Mixture-of-Experts layers: the GPU trainer (CUDA, bf16 with fp32 mast
 
 The twin of train_gpt2_moe.c, kernel for layer: the same flags, checkpoints, data, logs and
 samples (the host code is the shared headers'), with each layer's forward and backward as CUDA
-kernels, in the order data flows, and every matrix multiply through matmul.cuh (cuBLASLt). This
-version trains dense GPT-2 (E = 1) on one GPU; MoE layers and expert parallelism over NCCL are
-the next step, and the trainer says so when asked for them.
+kernels in the order data flows, every matrix multiply through matmul.cuh (cuBLASLt), and the
+experts spread over W processes (one per GPU, mpirun) by all-to-alls through gpu_comm.cuh (NCCL,
+or MPI). Layer l is an MoE layer when l % moe_every == moe_every - 1 (and E > 1).
 
-Per layer l, for the N = B*T tokens (shapes in the comments):
+Per layer l, for the N = B*T tokens of this process (shapes in the comments):
   layernorm_forward             ln1 = LN(residual)               (the first: after the encoder)
   matmul_forward                qkv = ln1 @ qkvw^T + qkvb        (cuBLASLt, bias epilogue)
   attention_forward             causal softmax(q k^T / sqrt(hs)) v, one warp per query row
   matmul_forward                the attention projection
   residual_layernorm_forward    residual2 = residual + proj; ln2 = LN(residual2)
-  matmul_forward                fch_gelu = gelu(ln2 @ fcw^T + fcb), fch kept (GELU epilogue)
-  matmul_forward                the MLP projection
+  dense layer: matmul_forward   fch_gelu = gelu(ln2 @ fcw^T + fcb), then the MLP projection
+  MoE layer: moe_layer_forward  the CPU trainer's nine steps: router_forward (fp32), the counts
+                                to the host and to every rank, capacity and dispatch layout
+                                (moe_layout.h, shared), moe_gather, the dispatch all-to-all, each
+                                local expert's two matmuls, the combine all-to-all, moe_combine
   residual_layernorm_forward    residual3 = residual2 + proj; the next layer's ln1 (or lnf)
 then logits = lnf @ wte^T, and classifier_forward (softmax, cross-entropy). The backward runs it
 in reverse: classifier_backward writes the logits' gradient over them, matmul_backward (with the
-GELU's backward as an epilogue), layernorm_backward (into the residual stream's gradient),
-attention_backward, encoder_backward; then the global norm, clipping and AdamW.
+GELU's backward as an epilogue), moe_layer_backward (two more all-to-alls), layernorm_backward
+(into the residual stream's gradient), attention_backward, encoder_backward; then the replicated
+gradients are summed over ranks, and the global norm, clipping and AdamW.
 
 Precision: parameters, activations and gradients are floatX (bf16; float with PRECISION=FP32,
-for the tests), with fp32 master weights and AdamW moments in the bf16 build; every sum, norm and
-softmax is computed in fp32. Every reduction has a fixed order (no float atomics), so two runs
-give the same bits. Activations are written (=); parameter gradients accumulate (+=), and so does
-the gradient of the residual stream.
+for the tests), with fp32 master weights and AdamW moments in the bf16 build; the router computes
+in fp32 from the master weights; every sum, norm and softmax is fp32. Every reduction has a fixed
+order (no float atomics), so two runs give the same bits. Activations are written (=); parameter
+gradients accumulate (+=), and so does the gradient of the residual stream.
 
-Builds: `make train_gpt2_moe` (nvcc, sm_80 and sm_90); `make train_gpt2_moe_emu` (the same file
-through the CPU emulation, dev/cuda/cuda_emu.h: every kernel runs on the CPU). See README.md.
+Builds: `make train_gpt2_moe` (nvcc, sm_80 and sm_90, with MPI and NCCL when present);
+`make train_gpt2_moe_emu` (the same file through the CPU emulation, dev/cuda/cuda_emu.h: every
+kernel runs on the CPU; train_gpt2_moe_emu_mpi under mpirun). See README.md.
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,9 +44,11 @@ through the CPU emulation, dev/cuda/cuda_emu.h: every kernel runs on the CPU). S
 #endif
 #include "cuda_common.h" // defines: floatX, launch_kernel, cudaCheck, CEIL_DIV; CUDA or its CPU emulation
 #include "matmul.cuh"    // defines: matmul_forward, matmul_backward (cuBLASLt, or its CPU body)
+#include "gpu_comm.cuh"  // defines: GpuComm, gpu_alltoall_rows, gpu_allreduce_sum (NCCL, or MPI)
 #include "utils.h"       // defines: fail_exit, printf0, mallocCheck, now_seconds, random_f32
-#include "comm.h"        // defines: Comm, comm_init, comm_check_all, mean_over_ranks
+#include "comm.h"        // defines: Comm, comm_init, allgather_ints, comm_check_all, mean_over_ranks
 #include "model.h"       // defines: GPT2Config, PARAMETER_TENSORS_OF, checkpoint_save, TrainState, ...
+#include "moe_layout.h"  // defines: MoERouting, MoEStats, moe_capacity_plan, moe_dispatch_layout, ...
 #include "dataloader.h"  // defines: DataLoader, dataloader_next_batch, ...
 #include "tokenizer.h"   // defines: Tokenizer
 #include "train.h"       // defines: TrainArgs, parse_args, run_start, StepStats, log_step, sample_mult, ...
@@ -51,41 +58,67 @@ through the CPU emulation, dev/cuda/cuda_emu.h: every kernel runs on the CPU). S
 
 typedef PARAMETER_TENSORS_OF(floatX) ParameterTensorsX;
 
-// what the forward keeps for the backward, for N = B*T tokens (L layers)
+// what the forward keeps for the backward, for N = B*T tokens (L layers: Ld dense, Lm MoE; S = N*K
+// slots; WS = W*S rows one rank's experts can receive)
 typedef struct {
-    floatX* encoded;   // (B, T, C)
-    floatX* ln1;       // (L, B, T, C)
-    float* ln1_mean;   // (L, B, T)
-    float* ln1_rstd;   // (L, B, T)
-    floatX* qkv;       // (L, B, T, 3*C)
-    floatX* atty;      // (L, B, T, C)
-    floatX* att;       // (L, B, NH, T, T) softmax probabilities, 0 above the diagonal
-    floatX* residual2; // (L, B, T, C)
-    floatX* ln2;       // (L, B, T, C)
-    float* ln2_mean;   // (L, B, T)
-    float* ln2_rstd;   // (L, B, T)
-    floatX* fch;       // (L, B, T, 4*C) before the GELU
-    floatX* fch_gelu;  // (L, B, T, 4*C)
-    floatX* residual3; // (L, B, T, C)
-    floatX* lnf;       // (B, T, C)
-    float* lnf_mean;   // (B, T)
-    float* lnf_rstd;   // (B, T)
-    floatX* logits;    // (B, T, Vp), then their gradient (written over them)
-    float* losses;     // (B, T)
-    floatX* proj;      // (B, T, C) scratch: a projection's output, before the residual add
+    floatX* encoded;      // (B, T, C)
+    floatX* ln1;          // (L, B, T, C)
+    float* ln1_mean;      // (L, B, T)
+    float* ln1_rstd;      // (L, B, T)
+    floatX* qkv;          // (L, B, T, 3*C)
+    floatX* atty;         // (L, B, T, C)
+    floatX* att;          // (L, B, NH, T, T) softmax probabilities, 0 above the diagonal
+    floatX* residual2;    // (L, B, T, C)
+    floatX* ln2;          // (L, B, T, C)
+    float* ln2_mean;      // (L, B, T)
+    float* ln2_rstd;      // (L, B, T)
+    floatX* fch;          // (Ld, B, T, 4*C) before the GELU
+    floatX* fch_gelu;     // (Ld, B, T, 4*C)
+    floatX* residual3;    // (L, B, T, C)
+    floatX* lnf;          // (B, T, C)
+    float* lnf_mean;      // (B, T)
+    float* lnf_rstd;      // (B, T)
+    floatX* logits;       // (B, T, Vp), then their gradient (written over them)
+    float* losses;        // (B, T)
+    floatX* proj;         // (B, T, C) scratch: a projection's (or MoE layer's) output, before the residual add
+    float* router_logits; // (Lm, N, E)
+    float* router_probs;  // (Lm, N, E)
+    float* gates;         // (Lm, N, K)
+    float* lb_f;          // (Lm, E) f_e of the load-balancing loss (whole batch), for the backward
+    int* expert_idx;      // (Lm, N, K) chosen experts, best first
+    int* slot_row;        // (Lm, S) the dispatch layout's device copies (moe_layout.h's, host-made)
+    int* row_slot;        // (Lm, S)
+    int* recv_perm;       // (Lm, WS) received row -> row grouped by local expert
+    floatX* moe_y;        // (Lm, S, C) expert outputs back at the sender, in send order
+    floatX* expin;        // (Lm, WS, C) rows this rank's experts received, grouped by expert
+    floatX* exph;         // (Lm, WS, H) before the GELU
+    floatX* exph_gelu;    // (Lm, WS, H)
+    floatX* expout;       // (Lm, WS, C)
+    float* lse;           // (N) scratch: each token's router logsumexp (the z-loss)
+    double* prob_sums;    // (E) scratch: sums of the router probabilities over tokens
+    floatX* sendbuf;      // (WS, C) the all-to-alls' staging rows, shared by the layers
+    floatX* recvbuf;      // (WS, C)
 } ActivationTensors;
+#define GPU_ACTIVATION_TENSORS 37
 
 // gradients of activations, reused by every layer of the backward
 typedef struct {
-    floatX* dresidual; // (B, T, C) the gradient in the residual stream (accumulates)
-    floatX* dln;       // (B, T, C) at a layernorm's output
-    floatX* datty;     // (B, T, C)
-    floatX* dqkv;      // (B, T, 3*C)
-    floatX* dfch;      // (B, T, 4*C)
-    float* dpreatt;    // (B, NH, T, T) attention scores' gradient
-    float* bias_parts; // (BIAS_BACKWARD_PARTS, Vp) matmul_backward's bias partial sums
-    float* ln_parts;   // (LN_PARTS, 2*C) layernorm_backward's weight and bias partial sums
+    floatX* dresidual;   // (B, T, C) the gradient in the residual stream (accumulates)
+    floatX* dln;         // (B, T, C) at a layernorm's output
+    floatX* datty;       // (B, T, C)
+    floatX* dqkv;        // (B, T, 3*C)
+    floatX* dfch;        // (B, T, 4*C)
+    float* dpreatt;      // (B, NH, T, T) attention scores' gradient
+    float* bias_parts;   // (BIAS_BACKWARD_PARTS, max(4C, H, Vp)) matmul_backward's bias partial sums
+    float* ln_parts;     // (LN_PARTS, 2*C) layernorm_backward's weight and bias partial sums
+    floatX* dmoe_y;      // (S, C) at the expert outputs, in send order
+    floatX* dexpout;     // (WS, C)
+    floatX* dexph;       // (WS, H) at the GELU's input
+    floatX* dexpin;      // (WS, C)
+    float* dgates;       // (N, K)
+    float* dlogits;      // (N, E) the router logits'
 } GradScratch;
+#define GPU_GRAD_SCRATCH_TENSORS 14
 
 // positions of the batch grouped by token, for a deterministic embedding backward (host-built)
 typedef struct {
@@ -100,7 +133,10 @@ typedef struct {
 
 typedef struct {
     GPT2Config config;
-    Comm comm;
+    Comm comm;                 // the expert-parallel group: W processes, one per GPU
+    GpuComm gcomm;             // its collectives on device memory (NCCL, or MPI)
+    int E_local;               // experts held here: E / W
+    int e0;                    // the first of them: rank * E_local
     size_t param_sizes[NUM_PARAMETER_TENSORS];
     size_t num_parameters;
     ParameterTensorsX params;  // device, floatX
@@ -115,6 +151,8 @@ typedef struct {
     GradScratch g;
     void* acts_memory;
     void* grad_scratch_memory;
+    MoERouting routing;        // the dispatch layout of every MoE layer, on the host (moe_layout.h)
+    int* routing_memory;
     int batch_size, seq_len;
     int* inputs;               // (B, T) device
     int* targets;              // (B, T) device
@@ -123,13 +161,22 @@ typedef struct {
     TokenBuckets host_buckets; // host (and host_bucket_counts (Vp))
     int* host_bucket_counts;
     float* host_losses;        // (B, T)
+    float* host_lse;           // (B, T) the router's logsumexp of one MoE layer
+    double* host_prob_sums;    // (E)
+    int* host_total;           // (E) slots the whole batch routed to each expert
+    int* host_fill;            // (E) moe_dispatch_layout's scratch
+    float* host_lb_f;          // (E)
     float* norm_parts;         // (NORM_BLOCKS) device
     float* host_norm_parts;
     float* host_params;        // (num_parameters) host staging for checkpoints, allocated when needed
-    // MoE hyperparameters and results, as the CPU trainer's (a dense model has no MoE layer)
-    float capacity_factor, aux_loss_weight, z_loss_weight;
-    float mean_loss, lb_loss, z_loss, total_loss; // of the last forward; mean_loss -1 without targets
-    MoEStats stats;
+    // MoE hyperparameters of the run (not part of the checkpoint), as the CPU trainer's
+    float capacity_factor;     // <= 0: dropless
+    float aux_loss_weight;     // load-balancing loss weight
+    float z_loss_weight;       // router z-loss weight
+    // results of the last forward on this rank's tokens; mean_loss -1 when it had no targets
+    float mean_loss, lb_loss, z_loss, total_loss;
+    MoEStats stats;            // dropped slots, all-to-all rows: of the last forward and backward
+    float lb_scale, z_scale;   // d(loss)/d(lb), d(loss)/d(z) of the backward in progress
 } GPT2;
 
 // ----------------------------------------------------------------------------
@@ -158,7 +205,10 @@ __device__ inline float block_reduce(float v, float* shared, int is_max) {
 // encoder: token plus position embeddings
 
 #define GRID_STRIDE_BLOCKS 1024 // elementwise kernels loop over their elements with at most this many blocks
-static inline dim3 grid_for(size_t n, int block) { size_t g = CEIL_DIV(n, (size_t)block); return dim3(g < GRID_STRIDE_BLOCKS ? (unsigned)g : GRID_STRIDE_BLOCKS); }
+static inline dim3 grid_for(size_t n, int block) { // at least one block: the loops check their bounds
+    size_t g = CEIL_DIV(n, (size_t)block);
+    return dim3(g < 1 ? 1 : (g < GRID_STRIDE_BLOCKS ? (unsigned)g : GRID_STRIDE_BLOCKS));
+}
 
 __global__ void encoder_forward_kernel(floatX* out, const int* inp, const floatX* wte, const floatX* wpe, int N, int T, int C) { // (N,C), (N), (Vp,C), (maxT,C)
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)N * C; i += (size_t)gridDim.x * blockDim.x) {
@@ -400,6 +450,182 @@ __global__ void attention_backward_key_kernel(floatX* dqkv, const float* dpreatt
 }
 
 // ----------------------------------------------------------------------------
+// the MoE layer's kernels. Where each slot goes (capacity, the dispatch layout, the receive
+// layout) is computed on the host by moe_layout.h, as in the CPU trainer, from the chosen experts
+// copied back once per layer; these kernels do the arithmetic and move the rows.
+
+// the router, one warp per token: logits = x @ Wr^T in fp32 (Wr: the fp32 master weights), then,
+// on lane 0 and in the CPU trainer's order, softmax, top-k by probability (ties to the lower
+// expert), gates = the chosen probabilities (renormalised to sum 1 when renorm and K > 1), and the
+// logsumexp of the z-loss
+__global__ void router_forward_kernel(float* logits, float* probs, int* expert_idx, float* gates, float* lse, // (N,E), (N,E), (N,K), (N,K), (N)
+                                      const floatX* x, const float* routerw, int N, int C, int E, int K, int renorm) { // (N,C), (E,C)
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) { return; }
+    const floatX* xr = x + (size_t)row * C;
+    float* lg = logits + (size_t)row * E;
+    for (int e = 0; e < E; e++) {
+        float d = 0.0f;
+        for (int c = lane; c < C; c += 32) { d += (float)xr[c] * routerw[(size_t)e * C + c]; }
+        d = warp_sum(d);
+        if (lane == 0) { lg[e] = d; }
+    }
+    if (lane != 0) { return; } // O(E*K) per token from here
+    float* pr = probs + (size_t)row * E;
+    int* idx = expert_idx + (size_t)row * K;
+    float* g = gates + (size_t)row * K;
+    float maxval = lg[0];
+    for (int e = 1; e < E; e++) { if (lg[e] > maxval) { maxval = lg[e]; } }
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++) { pr[e] = expf(lg[e] - maxval); sum += pr[e]; }
+    for (int e = 0; e < E; e++) { pr[e] /= sum; }
+    lse[row] = maxval + logf(sum);
+    float gate_sum = 0.0f;
+    for (int j = 0; j < K; j++) { // K passes of argmax over the experts not chosen yet
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int jj = 0; jj < j; jj++) { if (idx[jj] == e) { taken = 1; } }
+            if (!taken && (best < 0 || pr[e] > pr[best])) { best = e; }
+        }
+        idx[j] = best;
+        g[j] = pr[best];
+        gate_sum += pr[best];
+    }
+    if (renorm && K > 1) { for (int j = 0; j < K; j++) { g[j] /= gate_sum; } }
+}
+
+// sums[e] = the sum over the N tokens, in order, of probs[:, e] (N P_e of the load-balancing loss)
+__global__ void router_prob_sums_kernel(double* sums, const float* probs, int N, int E) { // (E), (N,E)
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= E) { return; }
+    double s = 0.0;
+    for (int n = 0; n < N; n++) { s += probs[(size_t)n * E + e]; }
+    sums[e] = s; // in double, as the CPU trainer
+}
+
+// sendbuf row r = the token row of slot row_slot[r] (the R kept slots, grouped by expert)
+__global__ void moe_gather_kernel(floatX* sendbuf, const floatX* x, const int* row_slot, int R, int C, int K) { // (R,C), (N,C), (R)
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)R * C; i += (size_t)gridDim.x * blockDim.x) {
+        int r = (int)(i / C), c = (int)(i % C);
+        sendbuf[i] = x[(size_t)(row_slot[r] / K) * C + c];
+    }
+}
+
+// rows between the received order and the experts' order: to_experts: out[perm[i]] = in[i];
+// else out[i] = in[perm[i]]
+__global__ void permute_rows_kernel(floatX* out, const floatX* in, const int* perm, int R, int C, int to_experts) { // (R,C), (R,C), (R)
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)R * C; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / C, c = i % C, p = (size_t)perm[r];
+        if (to_experts) { out[p * C + c] = in[i]; } else { out[i] = in[p * C + c]; }
+    }
+}
+
+// out[i] = the sum over token i's kept slots (j in order) of gate * expert output: a gather per
+// token, no atomics; a dropped slot adds nothing (the token keeps its residual for it)
+__global__ void moe_combine_forward_kernel(floatX* out, const floatX* y, const float* gates, const int* slot_row, // (N,C), (S,C), (N,K), (S)
+                                           int N, int C, int K) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)N * C; i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / C, c = i % C;
+        float acc = 0.0f;
+        for (int j = 0; j < K; j++) {
+            int r = slot_row[n * K + j];
+            if (r >= 0) { acc += gates[n * K + j] * (float)y[(size_t)r * C + c]; }
+        }
+        out[i] = (floatX)acc;
+    }
+}
+
+// the combine's backward: dy[r] = gate * dout of r's token (each kept row written once)
+__global__ void moe_combine_backward_kernel(floatX* dy, const floatX* dout, const float* gates, const int* row_slot, // (R,C), (N,C), (N,K), (R)
+                                            int R, int C, int K) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)R * C; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / C, c = i % C;
+        int s = row_slot[r];
+        dy[i] = (floatX)(gates[s] * (float)dout[(size_t)(s / K) * C + c]);
+    }
+}
+
+// and the gates' gradient, one warp per slot: dgates[s] = dout of its token . its expert output
+// (0 for a dropped slot)
+__global__ void moe_gates_backward_kernel(float* dgates, const floatX* dout, const floatX* y, const int* slot_row, // (S), (N,C), (S,C), (S)
+                                          int S, int C, int K) {
+    int s = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (s >= S) { return; }
+    int r = slot_row[s];
+    float d = 0.0f;
+    if (r >= 0) { for (int c = lane; c < C; c += 32) { d += (float)dout[(size_t)(s / K) * C + c] * (float)y[(size_t)r * C + c]; } }
+    d = warp_sum(d);
+    if (lane == 0) { dgates[s] = d; }
+}
+
+// the dispatch's backward: dx[i] = the sum over token i's kept slots of the rows' gradients
+// (written: the router's part is added next)
+__global__ void moe_scatter_backward_kernel(floatX* dx, const floatX* dsend, const int* slot_row, int N, int C, int K) { // (N,C), (R,C), (S)
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)N * C; i += (size_t)gridDim.x * blockDim.x) {
+        size_t n = i / C, c = i % C;
+        float acc = 0.0f;
+        for (int j = 0; j < K; j++) {
+            int r = slot_row[n * K + j];
+            if (r >= 0) { acc += (float)dsend[(size_t)r * C + c]; }
+        }
+        dx[i] = (floatX)acc;
+    }
+}
+
+// the router's backward, one warp per token, as the CPU trainer's moe_router_backward: lane 0
+// turns the gates' gradients, the load-balancing loss (f: E f_e of the whole batch) and the z-loss
+// into dlogits; then every lane adds dlogits @ Wr to its channels of dx
+__global__ void router_backward_kernel(floatX* dx, float* dlogits,                                 // (N,C), (N,E)
+                                       const float* dgates, const float* logits, const float* probs, // (N,K), (N,E), (N,E)
+                                       const int* expert_idx, const float* gates, const float* f,    // (N,K), (N,K), (E)
+                                       float lb_scale, float z_scale, const float* routerw,          // (E,C) fp32
+                                       int N, int C, int E, int K, int renorm) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) { return; }
+    const float* pr = probs + (size_t)row * E;
+    const float* lg = logits + (size_t)row * E;
+    float* dl = dlogits + (size_t)row * E; // first the probabilities' gradient, then the logits'
+    const int* idx = expert_idx + (size_t)row * K;
+    const float* dg = dgates + (size_t)row * K;
+    if (lane == 0) {
+        for (int e = 0; e < E; e++) { dl[e] = lb_scale * E * f[e] / N; } // d(E sum_e f_e mean_t p_te)/dp_te
+        if (renorm && K > 1) { // g_j = p_j / s: dp_j = (dg_j - sum_j' dg_j' g_j') / s
+            float s = 0.0f, dot = 0.0f;
+            for (int j = 0; j < K; j++) { s += pr[idx[j]]; dot += dg[j] * gates[(size_t)row * K + j]; }
+            for (int j = 0; j < K; j++) { dl[idx[j]] += (dg[j] - dot) / s; }
+        } else {
+            for (int j = 0; j < K; j++) { dl[idx[j]] += dg[j]; }
+        }
+        float pd = 0.0f; // softmax backward, plus the z-loss: d(lse^2)/dlogit_e = 2 lse p_e
+        for (int e = 0; e < E; e++) { pd += pr[e] * dl[e]; }
+        float maxval = lg[0];
+        for (int e = 1; e < E; e++) { if (lg[e] > maxval) { maxval = lg[e]; } }
+        float sum = 0.0f;
+        for (int e = 0; e < E; e++) { sum += expf(lg[e] - maxval); }
+        float dlse = z_scale * 2.0f * (maxval + logf(sum)) / N;
+        for (int e = 0; e < E; e++) { dl[e] = pr[e] * (dl[e] - pd) + dlse * pr[e]; }
+    }
+    __syncwarp(); // every lane reads lane 0's dlogits
+    for (int c = lane; c < C; c += 32) {
+        float acc = 0.0f;
+        for (int e = 0; e < E; e++) { acc += dl[e] * routerw[(size_t)e * C + c]; }
+        floatX* d = dx + (size_t)row * C + c;
+        *d = (floatX)((float)*d + acc);
+    }
+}
+
+// drouterw (E,C) += dlogits^T @ x: one thread per (e, c), the tokens in order
+__global__ void router_backward_weight_kernel(floatX* drouterw, const float* dlogits, const floatX* x, int N, int C, int E) { // (E,C), (N,E), (N,C)
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)E * C; i += (size_t)gridDim.x * blockDim.x) {
+        size_t e = i / C, c = i % C;
+        float s = 0.0f;
+        for (int n = 0; n < N; n++) { s += dlogits[(size_t)n * E + e] * (float)x[(size_t)n * C + c]; }
+        drouterw[i] = (floatX)((float)drouterw[i] + s);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // the classifier: softmax over the first V of Vp logits, cross-entropy, and its backward
 
 // one block per row: the max and the sum of exponentials over v < V
@@ -480,20 +706,24 @@ static void* gpu_alloc(size_t bytes, const char* what, const char* lower) {
     return p;
 }
 
-// a dense model of this config for this process, from host_params (count_parameters floats: the
-// model a run starts from, train.h's run_start); the host copy is not kept
+// a model of this config for this process of comm (its experts only), from host_params
+// (count_parameters floats of this rank: the model a run starts from, train.h's run_start);
+// the host copy is not kept
 static void gpt2_build(GPT2* model, const GPT2Config* config, const float* host_params, Comm comm) {
     memset(model, 0, sizeof(GPT2));
-    if (config->num_experts > 1) {
-        fail_exit("flag -E: MoE layers on the GPU are the next step of this trainer; it trains dense models (E = 1) for now");
+    if (config->num_experts > 1 && config->num_experts % comm.world != 0) {
+        fail_exit("flag -E: E=%d experts cannot be split evenly over W=%d processes", config->num_experts, comm.world);
     }
-    if (comm.world > 1) { fail_exit("several processes: expert parallelism over NCCL is the next step of the GPU trainer; run one process"); }
-    if (config->channels % 8 != 0 || config->padded_vocab_size % 8 != 0) {
-        fail_exit("model: C=%d and Vp=%d must be multiples of 8 for the GPU's matrix multiplies", config->channels, config->padded_vocab_size);
+    if (config->channels % 8 != 0 || config->padded_vocab_size % 8 != 0 || (config->num_experts > 1 && config->expert_hidden % 8 != 0)) {
+        fail_exit("model: C=%d, Vp=%d and H=%d must be multiples of 8 for the GPU's matrix multiplies", config->channels,
+                  config->padded_vocab_size, config->expert_hidden);
     }
     model->config = *config;
     model->comm = comm;
-    fill_in_parameter_sizes(model->param_sizes, config, 0);
+    model->E_local = experts_per_rank(config, comm.world);
+    model->e0 = comm.rank * model->E_local;
+    gpu_comm_init(&model->gcomm, &model->comm);
+    fill_in_parameter_sizes(model->param_sizes, config, model->E_local);
     size_t n = count_parameters(model->param_sizes);
     model->num_parameters = n;
     model->params_memory = (floatX*)gpu_alloc(n * sizeof(floatX), "the parameters", "a smaller model: -e");
@@ -509,6 +739,7 @@ static void gpt2_build(GPT2* model, const GPT2Config* config, const float* host_
     cudaCheck(cudaMemset(model->grads_memory, 0, n * sizeof(floatX)));
     cudaCheck(cudaMalloc((void**)&model->norm_parts, NORM_BLOCKS * sizeof(float)));
     model->host_norm_parts = (float*)mallocCheck(NORM_BLOCKS * sizeof(float));
+    model->capacity_factor = 0.0f;
     model->aux_loss_weight = 0.01f;
     model->z_loss_weight = 0.001f;
     model->mean_loss = -1.0f;
@@ -540,25 +771,42 @@ static void* carve(void** ptrs[], const size_t* bytes, int count, const char* wh
 
 static void gpt2_allocate_activations(GPT2* model, int B, int T) {
     const GPT2Config* c = &model->config;
-    size_t L = c->num_layers, C = c->channels, NH = c->num_heads, Vp = c->padded_vocab_size, N = (size_t)B * T, X = sizeof(floatX), F = sizeof(float);
+    size_t L = c->num_layers, Ld = num_dense_layers(c), Lm = num_moe_layers(c), C = c->channels, NH = c->num_heads;
+    size_t Vp = c->padded_vocab_size, N = (size_t)B * T, X = sizeof(floatX), F = sizeof(float), I = sizeof(int);
+    size_t E = Lm > 0 ? c->num_experts : 0, K = Lm > 0 ? c->top_k : 0, H = Lm > 0 ? c->expert_hidden : 0;
+    size_t S = N * K, WS = (size_t)model->comm.world * S;
     model->batch_size = B;
     model->seq_len = T;
     ActivationTensors* a = &model->acts;
-    void** aptrs[] = {(void**)&a->encoded, (void**)&a->ln1, (void**)&a->ln1_mean, (void**)&a->ln1_rstd, (void**)&a->qkv, (void**)&a->atty,
-                      (void**)&a->att, (void**)&a->residual2, (void**)&a->ln2, (void**)&a->ln2_mean, (void**)&a->ln2_rstd, (void**)&a->fch,
-                      (void**)&a->fch_gelu, (void**)&a->residual3, (void**)&a->lnf, (void**)&a->lnf_mean, (void**)&a->lnf_rstd,
-                      (void**)&a->logits, (void**)&a->losses, (void**)&a->proj};
-    size_t abytes[] = {N * C * X, L * N * C * X, L * N * F, L * N * F, L * N * 3 * C * X, L * N * C * X,
-                       L * B * NH * T * T * X, L * N * C * X, L * N * C * X, L * N * F, L * N * F, L * N * 4 * C * X,
-                       L * N * 4 * C * X, L * N * C * X, N * C * X, N * F, N * F,
-                       N * Vp * X, N * F, N * C * X};
-    model->acts_memory = carve(aptrs, abytes, 20, "the activations");
+    void** aptrs[GPU_ACTIVATION_TENSORS] = {
+        (void**)&a->encoded, (void**)&a->ln1, (void**)&a->ln1_mean, (void**)&a->ln1_rstd, (void**)&a->qkv, (void**)&a->atty,
+        (void**)&a->att, (void**)&a->residual2, (void**)&a->ln2, (void**)&a->ln2_mean, (void**)&a->ln2_rstd, (void**)&a->fch,
+        (void**)&a->fch_gelu, (void**)&a->residual3, (void**)&a->lnf, (void**)&a->lnf_mean, (void**)&a->lnf_rstd,
+        (void**)&a->logits, (void**)&a->losses, (void**)&a->proj, (void**)&a->router_logits, (void**)&a->router_probs,
+        (void**)&a->gates, (void**)&a->lb_f, (void**)&a->expert_idx, (void**)&a->slot_row, (void**)&a->row_slot,
+        (void**)&a->recv_perm, (void**)&a->moe_y, (void**)&a->expin, (void**)&a->exph, (void**)&a->exph_gelu,
+        (void**)&a->expout, (void**)&a->lse, (void**)&a->prob_sums, (void**)&a->sendbuf, (void**)&a->recvbuf};
+    size_t abytes[GPU_ACTIVATION_TENSORS] = {
+        N * C * X, L * N * C * X, L * N * F, L * N * F, L * N * 3 * C * X, L * N * C * X,
+        L * B * NH * T * T * X, L * N * C * X, L * N * C * X, L * N * F, L * N * F, Ld * N * 4 * C * X,
+        Ld * N * 4 * C * X, L * N * C * X, N * C * X, N * F, N * F,
+        N * Vp * X, N * F, N * C * X, Lm * N * E * F, Lm * N * E * F,
+        Lm * S * F, Lm * E * F, Lm * S * I, Lm * S * I, Lm * S * I,
+        Lm * WS * I, Lm * S * C * X, Lm * WS * C * X, Lm * WS * H * X, Lm * WS * H * X,
+        Lm * WS * C * X, N * F, E * sizeof(double), WS * C * X, WS * C * X};
+    model->acts_memory = carve(aptrs, abytes, GPU_ACTIVATION_TENSORS, "the activations");
     GradScratch* g = &model->g;
-    void** gptrs[] = {(void**)&g->dresidual, (void**)&g->dln, (void**)&g->datty, (void**)&g->dqkv, (void**)&g->dfch, (void**)&g->dpreatt,
-                      (void**)&g->bias_parts, (void**)&g->ln_parts};
-    size_t gbytes[] = {N * C * X, N * C * X, N * C * X, N * 3 * C * X, N * 4 * C * X, B * NH * T * T * F,
-                       BIAS_BACKWARD_PARTS * (Vp > 4 * C ? Vp : 4 * C) * F, LN_PARTS * 2 * C * F};
-    model->grad_scratch_memory = carve(gptrs, gbytes, 8, "the gradient scratch");
+    void** gptrs[GPU_GRAD_SCRATCH_TENSORS] = {
+        (void**)&g->dresidual, (void**)&g->dln, (void**)&g->datty, (void**)&g->dqkv, (void**)&g->dfch, (void**)&g->dpreatt,
+        (void**)&g->bias_parts, (void**)&g->ln_parts, (void**)&g->dmoe_y, (void**)&g->dexpout, (void**)&g->dexph, (void**)&g->dexpin,
+        (void**)&g->dgates, (void**)&g->dlogits};
+    size_t widest = Vp > 4 * C ? Vp : 4 * C;
+    widest = H > widest ? H : widest;
+    size_t gbytes[GPU_GRAD_SCRATCH_TENSORS] = {
+        N * C * X, N * C * X, N * C * X, N * 3 * C * X, N * 4 * C * X, B * NH * T * T * F,
+        BIAS_BACKWARD_PARTS * widest * F, LN_PARTS * 2 * C * F, S * C * X, WS * C * X, WS * H * X, WS * C * X,
+        S * F, N * E * F};
+    model->grad_scratch_memory = carve(gptrs, gbytes, GPU_GRAD_SCRATCH_TENSORS, "the gradient scratch");
     cudaCheck(cudaMalloc((void**)&model->inputs, N * sizeof(int)));
     cudaCheck(cudaMalloc((void**)&model->targets, N * sizeof(int)));
     cudaCheck(cudaMalloc((void**)&model->buckets.tokens, (3 * N + 1) * sizeof(int)));
@@ -570,6 +818,175 @@ static void gpt2_allocate_activations(GPT2* model, int B, int T) {
     model->host_bucket_counts = (int*)mallocCheck(Vp * sizeof(int));
     model->host_inputs = (int*)mallocCheck(N * sizeof(int));
     model->host_losses = (float*)mallocCheck(N * sizeof(float));
+    if (Lm > 0) {
+        model->routing_memory = moe_routing_allocate(&model->routing, (int)Lm, S, model->comm.world, (int)E, model->E_local, 1, 0);
+        model->host_lse = (float*)mallocCheck(N * sizeof(float));
+        model->host_prob_sums = (double*)mallocCheck(E * sizeof(double));
+        model->host_lb_f = (float*)mallocCheck(E * sizeof(float));
+        model->host_total = (int*)mallocCheck(2 * E * sizeof(int));
+        model->host_fill = model->host_total + E;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the MoE layer: the kernels above in the nine steps of the CPU trainer's moe_layer_forward
+
+// the router weights of MoE layer m in fp32: the master copy (bf16 build) or the parameters (fp32)
+static const float* router_weights(const GPT2* model, int m) {
+    size_t offset = 0;
+    for (int k = 0; k < PARAM_ROUTERW; k++) { offset += model->param_sizes[k]; }
+    const float* base = model->master != NULL ? model->master : (const float*)model->params_memory;
+    return base + offset + (size_t)m * model->config.num_experts * model->config.channels;
+}
+
+// the MoE tensors of layer m, for a forward of N tokens; the others as they are
+static ActivationTensors moe_layer_acts(const GPT2* model, int m, int N) {
+    const GPT2Config* c = &model->config;
+    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden, S = (size_t)N * c->top_k;
+    size_t WS = (size_t)model->comm.world * model->batch_size * model->seq_len * c->top_k;
+    ActivationTensors a = model->acts;
+    a.router_logits += m * N * E;
+    a.router_probs += m * N * E;
+    a.gates += m * S;
+    a.lb_f += m * E;
+    a.expert_idx += m * S;
+    a.slot_row += m * S;
+    a.row_slot += m * S;
+    a.recv_perm += m * WS;
+    a.moe_y += m * S * C;
+    a.expin += m * WS * C;
+    a.exph += m * WS * H;
+    a.exph_gelu += m * WS * H;
+    a.expout += m * WS * C;
+    return a;
+}
+
+static MoERouting moe_layer_routing(const GPT2* model, int m, int N) {
+    const GPT2Config* c = &model->config;
+    size_t WS = (size_t)model->comm.world * model->batch_size * model->seq_len * c->top_k;
+    return moe_routing_layer(model->routing, m, (size_t)N * c->top_k, WS, model->comm.world, c->num_experts, model->E_local, 1, 0);
+}
+
+// the forward of MoE layer m on this rank's N tokens x (N,C) after ln2; out (N,C) is written.
+// Returns this rank's share of the layer's load-balancing and z-losses through lb and z.
+static void moe_layer_forward(GPT2* model, int m, floatX* out, const floatX* x, int N, float* lb, float* z) {
+    const GPT2Config* cfg = &model->config;
+    int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
+    int W = model->comm.world, El = model->E_local, S = N * K, rank = model->comm.rank;
+    ActivationTensors a = moe_layer_acts(model, m, N);
+    MoERouting rt = moe_layer_routing(model, m, N);
+    ParameterTensorsX p = model->params;
+    MoEStats* st = &model->stats;
+    cudaStream_t s = 0;
+    // 1. route (fp32); the chosen experts, logsumexps and probability sums go to the host
+    launch_kernel(router_forward_kernel, dim3(CEIL_DIV(N, 8)), dim3(256), 0, s, a.router_logits, a.router_probs, a.expert_idx, a.gates,
+                  a.lse, x, router_weights(model, m), N, C, E, K, cfg->renorm_gates);
+    cudaCheck(cudaGetLastError());
+    launch_kernel(router_prob_sums_kernel, dim3(CEIL_DIV(E, 64)), dim3(64), 0, s, a.prob_sums, a.router_probs, N, E);
+    cudaCheck(cudaGetLastError());
+    cudaCheck(cudaMemcpy(rt.expert_idx, a.expert_idx, S * sizeof(int), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(model->host_lse, a.lse, N * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(model->host_prob_sums, a.prob_sums, E * sizeof(double), cudaMemcpyDeviceToHost));
+    // 2. every rank's counts: capacity and f_e need the whole batch; the losses as the CPU trainer's
+    int* my_counts = rt.kept; // allgather's send buffer may not alias its output
+    for (int e = 0; e < E; e++) { my_counts[e] = 0; }
+    for (int i = 0; i < S; i++) { my_counts[rt.expert_idx[i]]++; }
+    allgather_ints(my_counts, rt.counts, E, &model->comm);
+    int* total = moe_total_counts(model->host_total, rt.counts, W, E);
+    long long slots = (long long)S * W;
+    double lbd = 0.0, zd = 0.0;
+    for (int e = 0; e < E; e++) {
+        lbd += ((double)total[e] / slots) * (model->host_prob_sums[e] / N);
+        model->host_lb_f[e] = (float)((double)total[e] / slots);
+    }
+    for (int i = 0; i < N; i++) { zd += (double)model->host_lse[i] * model->host_lse[i]; }
+    *lb = (float)(E * lbd);
+    *z = (float)(zd / N);
+    cudaCheck(cudaMemcpy(a.lb_f, model->host_lb_f, E * sizeof(float), cudaMemcpyHostToDevice));
+    // 3-4. capacity over the whole batch, then this rank's kept slots sorted by expert (moe_layout.h)
+    int cap = moe_capacity(model->capacity_factor, (long long)N * W, K, E);
+    st->dropped_slots += moe_capacity_plan(rt.kept, rt.counts, W, E, cap);
+    moe_dispatch_layout(rt.slot_row, rt.row_slot, rt.send_offsets, model->host_fill, rt.expert_idx, rt.kept + (size_t)rank * E, S, E);
+    int R_send = rt.send_offsets[E];
+    cudaCheck(cudaMemcpy(a.slot_row, rt.slot_row, S * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(a.row_slot, rt.row_slot, R_send * sizeof(int), cudaMemcpyHostToDevice));
+    // 5. gather the kept rows by expert
+    launch_kernel(moe_gather_kernel, grid_for((size_t)R_send * C, 256), dim3(256), 0, s, model->acts.sendbuf, x, a.row_slot, R_send, C, K);
+    cudaCheck(cudaGetLastError());
+    long long crossing = moe_groups_layout(rt.group_rows, rt.send_offsets, rt.row_slot, N, K, E, 1, rank, W);
+    st->wire_rows[0] += crossing;
+    st->wire_rows[1] += crossing;
+    memcpy(rt.wire, rt.kept, (size_t)W * E * sizeof(int));
+    // 6. dispatch: each rank receives its experts' rows, regrouped by expert
+    moe_send_rows(rt.send_rows, rt.wire, rank, W, E);
+    int R = moe_receive_layout(rt.recv_perm, rt.expert_offsets, rt.recv_rows, rt.wire, W, E, model->e0, El);
+    cudaCheck(cudaMemcpy(a.recv_perm, rt.recv_perm, R * sizeof(int), cudaMemcpyHostToDevice));
+    gpu_alltoall_rows(model->acts.sendbuf, rt.send_rows, model->acts.recvbuf, rt.recv_rows, C, &model->gcomm);
+    launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, a.expin, model->acts.recvbuf, a.recv_perm, R, C, 1);
+    cudaCheck(cudaGetLastError());
+    // 7. the experts held here, each a GPT-2 MLP over its rows (an expert with no rows is skipped)
+    for (int el = 0; el < El; el++) {
+        int r0 = rt.expert_offsets[el], n = rt.expert_offsets[el + 1] - r0;
+        if (n == 0) { continue; }
+        size_t me = (size_t)m * El + el;
+        matmul_forward(a.exph_gelu + (size_t)r0 * H, a.expin + (size_t)r0 * C, p.expfcw + me * H * C, p.expfcb + me * H, n, C, H,
+                       a.exph + (size_t)r0 * H, s);
+        matmul_forward(a.expout + (size_t)r0 * C, a.exph_gelu + (size_t)r0 * H, p.expprojw + me * C * H, p.expprojb + me * C, n, H, C, NULL, s);
+    }
+    // 8. combine: the outputs go back to their senders
+    launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, model->acts.recvbuf, a.expout, a.recv_perm, R, C, 0);
+    cudaCheck(cudaGetLastError());
+    gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, a.moe_y, rt.send_rows, C, &model->gcomm);
+    // 9. the gate-weighted sum per token
+    launch_kernel(moe_combine_forward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, s, out, a.moe_y, a.gates, a.slot_row, N, C, K);
+    cudaCheck(cudaGetLastError());
+    moe_count_alltoalls(st, 0, rt.send_rows, rt.recv_rows, rank, W);
+}
+
+// the backward of MoE layer m: dout (N,C) at its output, x (N,C) its input; dx (N,C) is written
+static void moe_layer_backward(GPT2* model, int m, floatX* dx, const floatX* dout, const floatX* x, int N) {
+    const GPT2Config* cfg = &model->config;
+    int C = cfg->channels, E = cfg->num_experts, K = cfg->top_k, H = cfg->expert_hidden;
+    int W = model->comm.world, El = model->E_local, S = N * K;
+    ActivationTensors a = moe_layer_acts(model, m, N);
+    MoERouting rt = moe_layer_routing(model, m, N);
+    ParameterTensorsX p = model->params, g = model->grads;
+    GradScratch d = model->g;
+    cudaStream_t s = 0;
+    int R_send = rt.send_offsets[E], R = rt.expert_offsets[El];
+    // 9. combine backward: gradients at the expert outputs and at the gates
+    launch_kernel(moe_combine_backward_kernel, grid_for((size_t)R_send * C, 256), dim3(256), 0, s, d.dmoe_y, dout, a.gates, a.row_slot, R_send, C, K);
+    cudaCheck(cudaGetLastError());
+    launch_kernel(moe_gates_backward_kernel, dim3(CEIL_DIV(S, 8)), dim3(256), 0, s, d.dgates, dout, a.moe_y, a.slot_row, S, C, K);
+    cudaCheck(cudaGetLastError());
+    // 8. the output gradients go to the experts' owners
+    gpu_alltoall_rows(d.dmoe_y, rt.send_rows, model->acts.recvbuf, rt.recv_rows, C, &model->gcomm);
+    launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, d.dexpout, model->acts.recvbuf, a.recv_perm, R, C, 1);
+    cudaCheck(cudaGetLastError());
+    // 7. the experts' backward: weight gradients here, input gradients back
+    for (int el = 0; el < El; el++) {
+        int r0 = rt.expert_offsets[el], n = rt.expert_offsets[el + 1] - r0;
+        if (n == 0) { continue; }
+        size_t me = (size_t)m * El + el;
+        matmul_backward(d.dexph + (size_t)r0 * H, g.expprojw + me * C * H, g.expprojb + me * C, d.dexpout + (size_t)r0 * C,
+                        a.exph_gelu + (size_t)r0 * H, p.expprojw + me * C * H, d.bias_parts, n, H, C, a.exph + (size_t)r0 * H, s);
+        matmul_backward(d.dexpin + (size_t)r0 * C, g.expfcw + me * H * C, g.expfcb + me * H, d.dexph + (size_t)r0 * H,
+                        a.expin + (size_t)r0 * C, p.expfcw + me * H * C, d.bias_parts, n, C, H, NULL, s);
+    }
+    // 6. dispatch backward: the input gradients go back to their senders
+    launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, model->acts.recvbuf, d.dexpin, a.recv_perm, R, C, 0);
+    cudaCheck(cudaGetLastError());
+    gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, model->acts.sendbuf, rt.send_rows, C, &model->gcomm);
+    // 5. summed per token
+    launch_kernel(moe_scatter_backward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, s, dx, model->acts.sendbuf, a.slot_row, N, C, K);
+    cudaCheck(cudaGetLastError());
+    // 1-2. the router's backward, with f_e of the whole batch
+    launch_kernel(router_backward_kernel, dim3(CEIL_DIV(N, 8)), dim3(256), 0, s, dx, d.dlogits, d.dgates, a.router_logits, a.router_probs,
+                  a.expert_idx, a.gates, a.lb_f, model->lb_scale, model->z_scale, router_weights(model, m), N, C, E, K, cfg->renorm_gates);
+    cudaCheck(cudaGetLastError());
+    launch_kernel(router_backward_weight_kernel, grid_for((size_t)E * C, 256), dim3(256), 0, s, g.routerw + (size_t)m * E * C, d.dlogits, x, N, C, E);
+    cudaCheck(cudaGetLastError());
+    moe_count_alltoalls(&model->stats, 2, rt.send_rows, rt.recv_rows, model->comm.rank, W);
 }
 
 // ----------------------------------------------------------------------------
@@ -598,6 +1015,7 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int B, int
     dim3 rows_grid(CEIL_DIV(N, 8)), rows_block(256); // layernorms: one warp per row, 8 rows per block
     dim3 att_grid(CEIL_DIV(B * NH * T, ATT_WARPS)), att_block(32 * ATT_WARPS);
     size_t att_smem = ATT_WARPS * T * sizeof(float);
+    float lb_sum = 0.0f, z_sum = 0.0f;
 
     launch_kernel(encoder_forward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, s, a.encoded, model->inputs, p.wte, p.wpe, N, T, C);
     cudaCheck(cudaGetLastError());
@@ -609,8 +1027,6 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int B, int
         floatX* l_qkv = a.qkv + 3 * lNC;
         floatX* l_atty = a.atty + lNC;
         floatX* l_att = a.att + (size_t)l * B * NH * T * T;
-        floatX* l_fch = a.fch + 4 * lNC;
-        floatX* l_fch_gelu = a.fch_gelu + 4 * lNC;
         matmul_forward(l_qkv, a.ln1 + lNC, p.qkvw + (size_t)l * 3 * C * C, p.qkvb + (size_t)l * 3 * C, N, C, 3 * C, NULL, s);
         launch_kernel(attention_forward_kernel, att_grid, att_block, att_smem, s, l_atty, l_att, l_qkv, B, T, C, NH);
         cudaCheck(cudaGetLastError());
@@ -618,8 +1034,18 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int B, int
         launch_kernel(residual_layernorm_forward_kernel, rows_grid, rows_block, 0, s, a.residual2 + lNC, a.ln2 + lNC, a.ln2_mean + (size_t)l * N,
                       a.ln2_rstd + (size_t)l * N, residual, a.proj, p.ln2w + (size_t)l * C, p.ln2b + (size_t)l * C, N, C);
         cudaCheck(cudaGetLastError());
-        matmul_forward(l_fch_gelu, a.ln2 + lNC, p.fcw + (size_t)l * 4 * C * C, p.fcb + (size_t)l * 4 * C, N, C, 4 * C, l_fch, s);
-        matmul_forward(a.proj, l_fch_gelu, p.fcprojw + (size_t)l * C * 4 * C, p.fcprojb + (size_t)l * C, N, 4 * C, C, NULL, s);
+        if (is_moe_layer(cfg, l)) {
+            float lb, z;
+            moe_layer_forward(model, moe_layer_index(cfg, l), a.proj, a.ln2 + lNC, N, &lb, &z);
+            lb_sum += lb;
+            z_sum += z;
+        } else {
+            size_t d = dense_layer_index(cfg, l);
+            floatX* l_fch = a.fch + d * 4 * N * C;
+            floatX* l_fch_gelu = a.fch_gelu + d * 4 * N * C;
+            matmul_forward(l_fch_gelu, a.ln2 + lNC, p.fcw + d * 4 * C * C, p.fcb + d * 4 * C, N, C, 4 * C, l_fch, s);
+            matmul_forward(a.proj, l_fch_gelu, p.fcprojw + d * C * 4 * C, p.fcprojb + d * C, N, 4 * C, C, NULL, s);
+        }
         // the residual add, and the layernorm that follows it: the next layer's ln1, or lnf
         int last = l == L - 1;
         launch_kernel(residual_layernorm_forward_kernel, rows_grid, rows_block, 0, s, a.residual3 + lNC,
@@ -629,8 +1055,8 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int B, int
         cudaCheck(cudaGetLastError());
     }
     matmul_forward(a.logits, a.lnf, p.wte, NULL, N, C, Vp, NULL, s);
-    model->lb_loss = 0.0f;
-    model->z_loss = 0.0f;
+    model->lb_loss = lb_sum;
+    model->z_loss = z_sum;
     if (targets != NULL) {
         launch_kernel(classifier_forward_kernel, dim3(N), dim3(512), 0, s, a.losses, a.logits, model->targets, V, Vp);
         cudaCheck(cudaGetLastError());
@@ -638,7 +1064,7 @@ void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int B, int
         double mean_loss = 0.0;
         for (int i = 0; i < N; i++) { mean_loss += model->host_losses[i]; }
         model->mean_loss = (float)(mean_loss / N);
-        model->total_loss = model->mean_loss;
+        model->total_loss = model->mean_loss + model->aux_loss_weight * lb_sum + model->z_loss_weight * z_sum;
     } else {
         model->mean_loss = -1.0f;
         model->total_loss = -1.0f;
@@ -649,8 +1075,9 @@ void gpt2_zero_grad(GPT2* model) {
     cudaCheck(cudaMemset(model->grads_memory, 0, model->num_parameters * sizeof(floatX)));
 }
 
-// the backward of the last forward's loss times loss_scale (1 / gradient accumulation steps);
-// parameter gradients accumulate
+// backward of the last forward's total loss times loss_scale; parameter gradients accumulate.
+// loss_scale = 1 / (gradient accumulation steps * W): summed over ranks (gpt2_allreduce_grads),
+// the gradients are those of the mean loss over the whole batch.
 void gpt2_backward(GPT2* model, float loss_scale) {
     if (model->mean_loss == -1.0f) { fail_exit("gpt2_backward: the forward pass had no targets"); }
     const GPT2Config* cfg = &model->config;
@@ -662,6 +1089,8 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     GradScratch d = model->g;
     cudaStream_t s = 0;
     dim3 att_grid(CEIL_DIV(B * NH * T, ATT_WARPS)), att_block(32 * ATT_WARPS);
+    model->lb_scale = loss_scale * model->aux_loss_weight;
+    model->z_scale = loss_scale * model->z_loss_weight;
 
     launch_kernel(classifier_backward_kernel, dim3(N), dim3(512), 0, s, a.logits, model->targets, loss_scale / N, V, Vp);
     cudaCheck(cudaGetLastError());
@@ -672,11 +1101,16 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     for (int l = L - 1; l >= 0; l--) {
         size_t lNC = (size_t)l * N * C;
         floatX* residual = l == 0 ? a.encoded : a.residual3 + lNC - (size_t)N * C;
-        // MLP: dresidual holds the gradient of residual3 = residual2 + fcproj(gelu(fc(ln2)))
-        matmul_backward(d.dfch, g.fcprojw + (size_t)l * C * 4 * C, g.fcprojb + (size_t)l * C, d.dresidual, a.fch_gelu + 4 * lNC,
-                        p.fcprojw + (size_t)l * C * 4 * C, d.bias_parts, N, 4 * C, C, a.fch + 4 * lNC, s); // dfch is at the GELU's input
-        matmul_backward(d.dln, g.fcw + (size_t)l * 4 * C * C, g.fcb + (size_t)l * 4 * C, d.dfch, a.ln2 + lNC, p.fcw + (size_t)l * 4 * C * C,
-                        d.bias_parts, N, C, 4 * C, NULL, s);
+        // MLP or MoE: dresidual holds the gradient of residual3 = residual2 + mlp(ln2)
+        if (is_moe_layer(cfg, l)) {
+            moe_layer_backward(model, moe_layer_index(cfg, l), d.dln, d.dresidual, a.ln2 + lNC, N);
+        } else {
+            size_t dl = dense_layer_index(cfg, l);
+            matmul_backward(d.dfch, g.fcprojw + dl * C * 4 * C, g.fcprojb + dl * C, d.dresidual, a.fch_gelu + dl * 4 * N * C,
+                            p.fcprojw + dl * C * 4 * C, d.bias_parts, N, 4 * C, C, a.fch + dl * 4 * N * C, s); // dfch is at the GELU's input
+            matmul_backward(d.dln, g.fcw + dl * 4 * C * C, g.fcb + dl * 4 * C, d.dfch, a.ln2 + lNC, p.fcw + dl * 4 * C * C,
+                            d.bias_parts, N, C, 4 * C, NULL, s);
+        }
         layernorm_backward(d.dresidual, g.ln2w + (size_t)l * C, g.ln2b + (size_t)l * C, d.ln_parts, d.dln, a.residual2 + lNC,
                            p.ln2w + (size_t)l * C, a.ln2_mean + (size_t)l * N, a.ln2_rstd + (size_t)l * N, N, C, s);
         // attention: dresidual now holds the gradient of residual2 = residual + attproj(attention(ln1))
@@ -703,14 +1137,38 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     cudaCheck(cudaGetLastError());
 }
 
-// the global norm of every gradient: fp32 partial sums in a fixed grid, added in double on the host
-float gpt2_grad_norm(GPT2* model) {
-    launch_kernel(sum_squares_kernel, dim3(NORM_BLOCKS), dim3(256), 0, 0, model->norm_parts, model->grads_memory, model->num_parameters);
+// data parallelism for the replicated tensors: their gradients are summed over ranks. Expert
+// gradients stay on their owner (they already hold every rank's tokens' contributions).
+void gpt2_allreduce_grads(GPT2* model) {
+    size_t offset = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        if (!param_is_expert(k)) { gpu_allreduce_sum(model->grads_memory + offset, model->param_sizes[k], &model->gcomm); }
+        offset += model->param_sizes[k];
+    }
+}
+
+// the sum of squares of grads [from, to): fp32 partial sums in a fixed grid, added in double here
+static double grad_sum_squares(GPT2* model, size_t from, size_t to) {
+    if (to <= from) { return 0.0; }
+    launch_kernel(sum_squares_kernel, dim3(NORM_BLOCKS), dim3(256), 0, 0, model->norm_parts, model->grads_memory + from, to - from);
     cudaCheck(cudaGetLastError());
     cudaCheck(cudaMemcpy(model->host_norm_parts, model->norm_parts, NORM_BLOCKS * sizeof(float), cudaMemcpyDeviceToHost));
     double sum = 0.0;
     for (int i = 0; i < NORM_BLOCKS; i++) { sum += model->host_norm_parts[i]; }
-    return (float)sqrt(sum);
+    return sum;
+}
+
+// the global norm of every gradient of the model (all ranks' experts): the replicated tensors (the
+// same on every rank) once, the experts summed over ranks
+float gpt2_grad_norm(GPT2* model) {
+    size_t experts_from = 0, experts_to;
+    for (int k = 0; k < PARAM_EXPFCW; k++) { experts_from += model->param_sizes[k]; }
+    experts_to = experts_from;
+    for (int k = PARAM_EXPFCW; k <= PARAM_EXPPROJB; k++) { experts_to += model->param_sizes[k]; }
+    double replicated = grad_sum_squares(model, 0, experts_from) + grad_sum_squares(model, experts_to, model->num_parameters);
+    double experts = grad_sum_squares(model, experts_from, experts_to);
+    allreduce_doubles(&experts, 1, &model->comm);
+    return (float)sqrt(replicated + experts);
 }
 
 // AdamW with decoupled weight decay on the matrices and embeddings, on the gradients times
@@ -744,10 +1202,16 @@ void gpt2_free(GPT2* model) {
     cudaCheck(cudaFree(model->targets));
     cudaCheck(cudaFree(model->buckets.tokens));
     cudaCheck(cudaFree(model->norm_parts));
+    gpu_comm_free(&model->gcomm);
+    free(model->routing_memory);
     free(model->host_buckets.tokens);
     free(model->host_bucket_counts);
     free(model->host_inputs);
     free(model->host_losses);
+    free(model->host_lse);
+    free(model->host_prob_sums);
+    free(model->host_lb_f);
+    free(model->host_total);
     free(model->host_norm_parts);
     free(model->host_params);
 }
@@ -826,7 +1290,8 @@ int main(int argc, char** argv) {
     RunStart start;
     run_start(&start, &args, &comm);
     check_batch_fits(&args, &start.config, W);
-    if (args.lsh_L > 0 || args.sources > 1) { fail_exit("flags -J/-V: LSH compresses the MoE all-to-all, which the GPU trainer does not run yet"); }
+    if (args.lsh_L > 0 || args.sources > 1) { fail_exit("flags -J/-V: LSH compression of the all-to-all is the next step of the GPU trainer"); }
+    gpu_select_device(&comm);
     matmul_init();
     GPT2 model;
     gpt2_build(&model, &start.config, start.params, comm);
@@ -853,7 +1318,7 @@ int main(int argc, char** argv) {
 
     TrainState state = start.state;
     int* gen_tokens = (int*)mallocCheck(args.genT * sizeof(int));
-    long long load[1];
+    long long* load = (long long*)callocCheck(log.E > 0 ? log.E : 1, sizeof(long long));
     for (int step = start.state.step; step <= args.max_steps; step++) {
         int last_step = step == args.max_steps;
 
@@ -872,17 +1337,19 @@ int main(int argc, char** argv) {
         }
         if (last_step) { break; }
 
-        // one optimizer step: grad_accum micro-batches, then AdamW
+        // one optimizer step: grad_accum micro-batches, gradients summed over ranks, AdamW
         double t0 = now_seconds();
         StepStats st;
-        step_stats_begin(&st, load, 0);
+        step_stats_begin(&st, load, log.E);
         gpt2_zero_grad(&model);
         for (int micro = 0; micro < grad_accum; micro++) {
             dataloader_next_batch(&train_loader);
             gpt2_forward(&model, train_loader.inputs, train_loader.targets, B, T);
             gpt2_backward(&model, 1.0f / (grad_accum * W));
-            step_stats_add(&st, model.mean_loss, model.lb_loss, model.z_loss, grad_accum, &model.stats, NULL, 0, W, 0);
+            step_stats_add(&st, model.mean_loss, model.lb_loss, model.z_loss, grad_accum, &model.stats,
+                           model.routing.counts, log.Lm, W, log.E);
         }
+        gpt2_allreduce_grads(&model);
         step_stats_reduce(&st, &comm);
         st.norm = gpt2_grad_norm(&model);
         check_step_finite(step, &st, &comm);
@@ -899,6 +1366,7 @@ int main(int argc, char** argv) {
     dataloader_free(&train_loader);
     dataloader_free(&val_loader);
     free(gen_tokens);
+    free(load);
     gpt2_free(&model);
     matmul_free();
     comm_finalize(&comm);
