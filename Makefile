@@ -33,8 +33,15 @@ NVCC_FLAGS = -O3 -std=c++17 $(foreach a,$(GPU_ARCHS),-gencode arch=compute_$(a),
 EMU_FLAGS = -std=c++17 -O3 -march=native -fno-math-errno -fno-trapping-math -fno-signed-zeros -fassociative-math \
             -Wall -Wno-unknown-pragmas -fopenmp -DCUDA_EMULATION -I. -I$(CUDA_INCLUDE)
 EMU_HEADERS = cuda_common.h dev/cuda/cuda_emu.h utils.h dev/testing.h
-GPU_SOURCES = train_gpt2_moe.cu matmul.cuh cuda_common.h $(HEADERS)
+GPU_SOURCES = train_gpt2_moe.cu matmul.cuh gpu_comm.cuh cuda_common.h $(HEADERS)
 GPU_LIBS = -lcublasLt -lcublas
+# several GPUs: MPI starts the processes and NCCL moves the rows, when both are installed
+NCCL_HEADER := $(firstword $(wildcard $(CUDA_INCLUDE)/nccl.h /usr/local/include/nccl.h /usr/include/nccl.h))
+ifneq ($(and $(MPICC),$(NCCL_HEADER)),)
+  GPU_MULTI = -DUSE_MPI -DUSE_NCCL $(shell $(MPICC) --showme:compile) -I$(dir $(NCCL_HEADER))
+  GPU_MULTI_LIBS = $(shell $(MPICC) --showme:link) -L/usr/local/lib -lnccl
+endif
+MPICXX := $(shell which mpicxx 2>/dev/null)
 
 .PHONY: all run test test-gpu bench bench-cpu data clean
 
@@ -84,12 +91,19 @@ train_gpt2_moe: $(GPU_SOURCES)
 ifeq ($(NVCC),)
 	@echo "nvcc not found: the GPU trainer needs the CUDA toolkit (train_gpt2_moe_emu runs it on the CPU)" && false
 else
-	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp -x cu $< -o $@ $(GPU_LIBS) -lgomp
+	$(NVCC) $(NVCC_FLAGS) $(GPU_MULTI) -Xcompiler -fopenmp -x cu $< -o $@ $(GPU_LIBS) $(GPU_MULTI_LIBS) -lgomp
 endif
 train_gpt2_moe_emu: $(GPU_SOURCES) dev/cuda/cuda_emu.h
 	$(CXX) $(EMU_FLAGS) -x c++ $< -o $@ -lm
 train_gpt2_moe_emu_fp32: $(GPU_SOURCES) dev/cuda/cuda_emu.h
 	$(CXX) $(EMU_FLAGS) -DENABLE_FP32 -x c++ $< -o $@ -lm
+# several emulated GPUs under mpirun (fp32, so runs compare tightly with the CPU trainer's MPI build)
+train_gpt2_moe_emu_mpi: $(GPU_SOURCES) dev/cuda/cuda_emu.h
+ifeq ($(MPICXX),)
+	@echo "mpicxx not found: install libopenmpi-dev openmpi-bin for the emulated MPI build" && false
+else
+	OMPI_CXX=$(CXX) $(MPICXX) $(EMU_FLAGS) -DENABLE_FP32 -DUSE_MPI -x c++ $< -o $@ -lm
+endif
 
 # its tests against the CPU trainer: emulated in fp32 and bf16, under ASan + UBSan, and by nvcc
 test_moe_emu: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) $(EMU_HEADERS)
@@ -100,7 +114,7 @@ test_moe_emu_asan: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) $(EMU_HEADERS)
 	$(CXX) $(EMU_FLAGS) $(SANITIZE) -O1 -x c++ $< -o $@ -lm
 test_moe_gpu: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) dev/testing.h
 	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp -x cu $< -o $@ $(GPU_LIBS) -lgomp
-EMU_TARGETS := $(if $(HAVE_CUDA_HEADERS),dev/cuda/test_emu dev/cuda/test_emu_asan test_moe_emu test_moe_emu_bf16 test_moe_emu_asan train_gpt2_moe_emu train_gpt2_moe_emu_fp32,)
+EMU_TARGETS := $(if $(HAVE_CUDA_HEADERS),dev/cuda/test_emu dev/cuda/test_emu_asan test_moe_emu test_moe_emu_bf16 test_moe_emu_asan train_gpt2_moe_emu train_gpt2_moe_emu_fp32 $(if $(MPICXX),train_gpt2_moe_emu_mpi,),)
 
 # expert parallelism over MPI between CPU processes: mpirun -np W ./train_gpt2_moe_mpi ...
 train_gpt2_moe_mpi: train_gpt2_moe.c $(HEADERS)
@@ -121,8 +135,16 @@ dev/data/tokenize: dev/data/tokenize.c tokenizer.h
 	$(CC) -O2 -std=gnu99 -Wall $< -o $@ $(LDLIBS)
 
 # the quick start: a small MoE (d4, 8 experts, top-2) on Tiny Shakespeare, a few minutes on 2 cores
+# (on the GPU trainer when nvcc is here and nvidia-smi finds a GPU, else on the CPU trainer)
+QUICKSTART = -e d4 -E 8 -K 2 -b 8 -t 64 -x 60 -v 20 -m 10 -s 60 -g 64 -l 1e-3 -u 5 -q 0.1 -o log_quickstart
+HAVE_GPU := $(if $(NVCC),$(shell nvidia-smi >/dev/null 2>&1 && echo yes),)
+ifeq ($(HAVE_GPU),yes)
+run: train_gpt2_moe
+	./train_gpt2_moe $(QUICKSTART)
+else
 run: train_gpt2_moe_cpu
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} ./train_gpt2_moe_cpu -e d4 -E 8 -K 2 -b 8 -t 64 -x 60 -v 20 -m 10 -s 60 -g 64 -l 1e-3 -u 5 -q 0.1 -o log_quickstart
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} ./train_gpt2_moe_cpu $(QUICKSTART)
+endif
 
 # CPU tests; GPU tests are reported as skipped. Regenerates the PyTorch reference states first
 # when torch is installed, else uses the ones committed in dev/reference/states
@@ -151,4 +173,4 @@ data: dev/data/tokenize
 
 clean:
 	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu \
-	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu
+	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 train_gpt2_moe_emu_mpi test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu

@@ -59,7 +59,11 @@ done
 if [ -n "${NVCC:-}" ]; then
     for target in dev/cuda/test_emu_gpu train_gpt2_moe test_moe_gpu; do
         if make -s "$target" >"$log.nvcc" 2>&1; then
-            echo "ok   nvcc/${target##*/} compiles for sm_80 and sm_90 with no register spill or local memory" | tee -a "$log"
+            links=""
+            if [ "$target" = train_gpt2_moe ] && ldd train_gpt2_moe | grep -q libnccl && ldd train_gpt2_moe | grep -q libmpi; then
+                links=", linked with NCCL and MPI (the expert-parallel code path)"
+            fi
+            echo "ok   nvcc/${target##*/} compiles for sm_80 and sm_90 with no register spill or local memory$links" | tee -a "$log"
         else
             echo "FAIL nvcc/${target##*/} does not compile: $(head -c 400 "$log.nvcc")" | tee -a "$log"
             status=1
@@ -77,9 +81,15 @@ run bash dev/test_cli.sh
 if [ -x ./train_gpt2_moe_emu ] && [ -x ./train_gpt2_moe_emu_fp32 ]; then
     run bash dev/test_gpu_cli.sh
 fi
-# 5. expert parallelism over MPI (skips itself without mpirun)
+# the run scripts, 2 steps each on the emulated trainer
+if [ -x ./train_gpt2_moe_emu ]; then
+    run bash dev/test_scripts.sh
+fi
+# 5. expert parallelism over MPI (skips itself without mpirun): the CPU trainer, then the GPU
+# trainer emulated under mpirun against it
 if [ -x ./test_moe_mpi ] && [ -x ./train_gpt2_moe_mpi ]; then
     run bash dev/test_mpi.sh
+    run bash dev/test_gpu_mpi.sh
 else
     echo "skip mpi (no mpicc: apt-get install libopenmpi-dev openmpi-bin)" | tee -a "$log"
 fi
