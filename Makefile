@@ -33,7 +33,7 @@ NVCC_FLAGS = -O3 -std=c++17 $(foreach a,$(GPU_ARCHS),-gencode arch=compute_$(a),
 EMU_FLAGS = -std=c++17 -O3 -march=native -fno-math-errno -fno-trapping-math -fno-signed-zeros -fassociative-math \
             -Wall -Wno-unknown-pragmas -fopenmp -DCUDA_EMULATION -I. -I$(CUDA_INCLUDE)
 EMU_HEADERS = cuda_common.h dev/cuda/cuda_emu.h utils.h dev/testing.h
-GPU_SOURCES = train_gpt2_moe.cu matmul.cuh gpu_comm.cuh cuda_common.h $(HEADERS)
+GPU_SOURCES = train_gpt2_moe.cu matmul.cuh gpu_comm.cuh lshmoe.cu cuda_common.h $(HEADERS)
 GPU_LIBS = -lcublasLt -lcublas
 # several GPUs: MPI starts the processes and NCCL moves the rows, when both are installed
 NCCL_HEADER := $(firstword $(wildcard $(CUDA_INCLUDE)/nccl.h /usr/local/include/nccl.h /usr/include/nccl.h))
@@ -86,6 +86,18 @@ dev/cuda/test_emu_asan: dev/cuda/test_emu.cu $(EMU_HEADERS)
 dev/cuda/test_emu_gpu: dev/cuda/test_emu.cu cuda_common.h utils.h dev/testing.h
 	$(NVCC) $(NVCC_FLAGS) -x cu $< -o $@
 
+# lshmoe.cu's kernels, one runnable file each: checked against lshmoe.h, then timed (bytes per call
+# against the kernel's minimum). nvcc for a GPU (make test-gpu); emulated for the checks in make
+# test, built without reassociation or fused multiply-adds, so the checks can be bit for bit
+LSH_KERNEL_FILES = lsh_hash lsh_buckets lsh_bucket_sum lsh_compensate lsh_compress_backward lsh_stats
+LSH_KERNELS_GPU = $(addprefix dev/cuda/,$(LSH_KERNEL_FILES))
+LSH_KERNELS_EMU = $(addsuffix _emu,$(LSH_KERNELS_GPU))
+LSH_KERNEL_DEPS = dev/cuda/lsh_common.h lshmoe.cu lshmoe.h cuda_common.h utils.h dev/testing.h
+$(LSH_KERNELS_EMU): dev/cuda/%_emu: dev/cuda/%.cu $(LSH_KERNEL_DEPS) dev/cuda/cuda_emu.h
+	$(CXX) -std=c++17 -O2 -ffp-contract=off -Wall -Wno-unknown-pragmas -fopenmp -DCUDA_EMULATION -I. -I$(CUDA_INCLUDE) -x c++ $< -o $@ -lm
+$(LSH_KERNELS_GPU): dev/cuda/%: dev/cuda/%.cu $(LSH_KERNEL_DEPS)
+	$(NVCC) $(NVCC_FLAGS) -x cu $< -o $@
+
 # the GPU trainer: nvcc for a real GPU; through the emulation for the CPU (bf16, and fp32 for tests)
 train_gpt2_moe: $(GPU_SOURCES)
 ifeq ($(NVCC),)
@@ -114,7 +126,7 @@ test_moe_emu_asan: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) $(EMU_HEADERS)
 	$(CXX) $(EMU_FLAGS) $(SANITIZE) -O1 -x c++ $< -o $@ -lm
 test_moe_gpu: test_moe.cu train_gpt2_moe.c $(GPU_SOURCES) dev/testing.h
 	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp -x cu $< -o $@ $(GPU_LIBS) -lgomp
-EMU_TARGETS := $(if $(HAVE_CUDA_HEADERS),dev/cuda/test_emu dev/cuda/test_emu_asan test_moe_emu test_moe_emu_bf16 test_moe_emu_asan train_gpt2_moe_emu train_gpt2_moe_emu_fp32 $(if $(MPICXX),train_gpt2_moe_emu_mpi,),)
+EMU_TARGETS := $(if $(HAVE_CUDA_HEADERS),dev/cuda/test_emu dev/cuda/test_emu_asan $(LSH_KERNELS_EMU) test_moe_emu test_moe_emu_bf16 test_moe_emu_asan train_gpt2_moe_emu train_gpt2_moe_emu_fp32 $(if $(MPICXX),train_gpt2_moe_emu_mpi,),)
 
 # expert parallelism over MPI between CPU processes: mpirun -np W ./train_gpt2_moe_mpi ...
 train_gpt2_moe_mpi: train_gpt2_moe.c $(HEADERS)
@@ -158,8 +170,9 @@ test-gpu:
 ifeq ($(NVCC),)
 	@echo "skip test-gpu: nvcc not found (GPU tests run on a machine with a GPU)"
 else
-	$(MAKE) dev/cuda/test_emu_gpu test_moe_gpu train_gpt2_moe
-	@if nvidia-smi >/dev/null 2>&1; then ./dev/cuda/test_emu_gpu && ./test_moe_gpu && bash dev/test_gpu_cli.sh ./train_gpt2_moe; \
+	$(MAKE) dev/cuda/test_emu_gpu test_moe_gpu train_gpt2_moe $(LSH_KERNELS_GPU)
+	@if nvidia-smi >/dev/null 2>&1; then ./dev/cuda/test_emu_gpu && ./test_moe_gpu && bash dev/test_gpu_cli.sh ./train_gpt2_moe && \
+	  for k in $(LSH_KERNELS_GPU); do ./$$k || exit 1; done; \
 	else echo "skip test-gpu: no GPU here (nvidia-smi finds none)"; fi
 endif
 
@@ -172,5 +185,5 @@ data: dev/data/tokenize
 	bash dev/data/tinyshakespeare.sh
 
 clean:
-	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu \
+	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu $(LSH_KERNELS_GPU) $(LSH_KERNELS_EMU) \
 	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 train_gpt2_moe_emu_mpi test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu

@@ -13,8 +13,8 @@ API (per group; the four calls in the order the trainer makes them):
   lsh_group_decompress(yhat, ycent, x, cent, bucket_of_row, n, C, &cfg, &stats);  // Eq. 5
   lsh_group_decompress_backward(G, g, bucket_of_row, n, m, C, &stats);           // G_b = sum g_i
   lsh_group_compress_backward(dx, g, dcent, G, bucket_of_row, bucket_size, n, C, &cfg, &stats);
-plus lsh_config_check, lsh_projections_init, lsh_seed, lsh_scratch_bytes, LSHStats helpers, and
-the single steps (lsh_hash, lsh_buckets, lsh_centroids_forward, ...) that the wrappers call.
+plus lsh_config_check, lsh_projections_init, lsh_seed, lsh_scratch_bytes, lsh_hash_margin, LSHStats
+helpers, and the single steps (lsh_hash, lsh_buckets, lsh_centroids_forward, ...) that the wrappers call.
 
 Example:
   LSHConfig cfg = {6, 4, 1, 1}; // L, dp, center, compensate
@@ -148,7 +148,13 @@ static inline int lsh_config_check(int L, int dp, char* err, size_t errlen) {
 // ----------------------------------------------------------------------------
 // random projections: pure functions of a seed
 
-static inline uint64_t lsh_mix64(uint64_t z) { // splitmix64's finaliser
+// lshmoe.cu's bucket kernel hashes keys with lsh_mix64 too: nvcc compiles it for the device as well
+#ifdef __CUDACC__
+#define LSH_HOST_DEVICE __host__ __device__
+#else
+#define LSH_HOST_DEVICE
+#endif
+static inline LSH_HOST_DEVICE uint64_t lsh_mix64(uint64_t z) { // splitmix64's finaliser
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
@@ -260,6 +266,29 @@ static inline void lsh_hash(uint64_t* keys, // (n)
         }
         keys[i] = key;
     }
+}
+
+// how close row x came to another key: the smallest, over its L hashes, of (|v_best| -
+// |v_second|) / |v_best|, in double. A key computed with other rounding (a fused multiply-add, a
+// GPU, bf16 rows) can differ from lsh_hash's only where this is tiny; with dp = 1 the hash is
+// the sign alone, which rounding flips only at 0, so 1
+static inline double lsh_hash_margin(const float* x, // (C)
+                                     const float* mean, // (C) or NULL
+                                     const float* R, // (L*dp, C)
+                                     int C, int L, int dp) {
+    double worst = 1.0;
+    for (int j = 0; j < L && dp > 1; j++) {
+        double a1 = -1.0, a2 = -1.0;
+        for (int k = 0; k < dp; k++) {
+            double v = 0.0;
+            for (int c = 0; c < C; c++) { v += (double)R[((size_t)j * dp + k) * C + c] * ((double)x[c] - (mean ? mean[c] : 0.0)); }
+            v = fabs(v);
+            if (v > a1) { a2 = a1; a1 = v; } else if (v > a2) { a2 = v; }
+        }
+        double m = a1 > 0.0 ? (a1 - (a2 > 0.0 ? a2 : 0.0)) / a1 : 0.0;
+        if (m < worst) { worst = m; }
+    }
+    return worst;
 }
 
 // ----------------------------------------------------------------------------

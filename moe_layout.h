@@ -99,6 +99,21 @@ static inline MoERouting moe_routing_layer(MoERouting r, int m, size_t S, size_t
     return r;
 }
 
+// whether LSH compression (lsh.L > 0; off: L = 0) with V sources per process of W fits a model
+// of E experts (E <= 1: dense); 0, or -1 with err set
+static inline int moe_lsh_check(int E, LSHConfig lsh, int V, int W, char* err, size_t errlen) {
+    if (lsh.L > 0) {
+        if (E <= 1) { snprintf(err, errlen, "LSH compresses the MoE all-to-all: it needs E > 1 experts (-E)"); return -1; }
+        if (lsh_config_check(lsh.L, lsh.dp, err, errlen) != 0) { return -1; }
+        if (lsh.center > 1 || lsh.center < 0 || lsh.compensate > 1 || lsh.compensate < 0) { snprintf(err, errlen, "LSH centring and compensation are 0 or 1"); return -1; }
+    }
+    if (V < 1 || (E > 1 && E % (V * W) != 0)) {
+        snprintf(err, errlen, "%d simulated ranks x %d processes must divide E=%d", V, W, E);
+        return -1;
+    }
+    return 0;
+}
+
 // total (E) = the slots all W ranks routed to each expert; returns total
 static inline int* moe_total_counts(int* total, const int* counts, int W, int E) { // (E), (W,E)
     for (int e = 0; e < E; e++) {

@@ -905,16 +905,7 @@ void gpt2_init_random(GPT2* model, uint64_t seed) {
 
 // switches LSH compression on for an MoE model (before its first forward); 0 or an error in err
 int gpt2_set_lsh(GPT2* model, LSHConfig lsh, int sources, uint64_t seed, char* err, size_t errlen) {
-    const GPT2Config* c = &model->config;
-    if (lsh.L > 0) {
-        if (c->num_experts <= 1) { snprintf(err, errlen, "LSH compresses the MoE all-to-all: it needs E > 1 experts (-E)"); return -1; }
-        if (lsh_config_check(lsh.L, lsh.dp, err, errlen) != 0) { return -1; }
-        if (lsh.center > 1 || lsh.center < 0 || lsh.compensate > 1 || lsh.compensate < 0) { snprintf(err, errlen, "LSH centring and compensation are 0 or 1"); return -1; }
-    }
-    if (sources < 1 || (c->num_experts > 1 && c->num_experts % (sources * model->comm.world) != 0)) {
-        snprintf(err, errlen, "%d simulated ranks x %d processes must divide E=%d", sources, model->comm.world, c->num_experts);
-        return -1;
-    }
+    if (moe_lsh_check(model->config.num_experts, lsh, sources, model->comm.world, err, errlen) != 0) { return -1; }
     if (model->acts_memory != NULL) { snprintf(err, errlen, "gpt2_set_lsh: call it before the first forward"); return -1; }
     model->lsh = lsh;
     model->sources = sources;

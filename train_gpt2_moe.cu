@@ -45,6 +45,7 @@ kernel runs on the CPU; train_gpt2_moe_emu_mpi under mpirun). See README.md.
 #include "cuda_common.h" // defines: floatX, launch_kernel, cudaCheck, CEIL_DIV; CUDA or its CPU emulation
 #include "matmul.cuh"    // defines: matmul_forward, matmul_backward (cuBLASLt, or its CPU body)
 #include "gpu_comm.cuh"  // defines: GpuComm, gpu_alltoall_rows, gpu_allreduce_sum (NCCL, or MPI)
+#include "lshmoe.cu"     // defines: LSHLayout, LSHScratch, lsh_compress, lsh_decompress, ... (lshmoe.h's twin)
 #include "utils.h"       // defines: fail_exit, printf0, mallocCheck, now_seconds, random_f32
 #include "comm.h"        // defines: Comm, comm_init, allgather_ints, comm_check_all, mean_over_ranks
 #include "model.h"       // defines: GPT2Config, PARAMETER_TENSORS_OF, checkpoint_save, TrainState, ...
@@ -98,8 +99,10 @@ typedef struct {
     double* prob_sums;    // (E) scratch: sums of the router probabilities over tokens
     floatX* sendbuf;      // (WS, C) the all-to-alls' staging rows, shared by the layers
     floatX* recvbuf;      // (WS, C)
+    floatX* lsh_cent;     // (S, C) LSH: centroids sent (their gradients G_b in the backward)
+    floatX* lsh_ycent;    // (S, C) LSH: expert outputs per centroid (their input gradients in the backward)
 } ActivationTensors;
-#define GPU_ACTIVATION_TENSORS 37
+#define GPU_ACTIVATION_TENSORS 39
 
 // gradients of activations, reused by every layer of the backward
 typedef struct {
@@ -175,8 +178,17 @@ typedef struct {
     float z_loss_weight;       // router z-loss weight
     // results of the last forward on this rank's tokens; mean_loss -1 when it had no targets
     float mean_loss, lb_loss, z_loss, total_loss;
-    MoEStats stats;            // dropped slots, all-to-all rows: of the last forward and backward
+    MoEStats stats;            // dropped slots, all-to-all rows, LSH: of the last forward and backward
     float lb_scale, z_scale;   // d(loss)/d(lb), d(loss)/d(z) of the backward in progress
+    int sources;               // V: the simulated source ranks of each process (groups are (expert, source))
+    // LSH compression of the all-to-alls (lshmoe.cu); lsh.L == 0: off
+    LSHConfig lsh;
+    uint64_t lsh_seed;         // projections are drawn per (MoE layer, step) from it
+    int step;                  // the optimizer step, set by the caller
+    float* lsh_R;              // (L*dp, C) device: this layer's projections
+    float* host_lsh_R;         // (L*dp, C)
+    LSHScratch lsh_scratch;
+    LSHLayout* lsh_layouts;    // (Lm) each MoE layer's buckets, kept for its backward
 } GPT2;
 
 // ----------------------------------------------------------------------------
@@ -743,6 +755,17 @@ static void gpt2_build(GPT2* model, const GPT2Config* config, const float* host_
     model->aux_loss_weight = 0.01f;
     model->z_loss_weight = 0.001f;
     model->mean_loss = -1.0f;
+    model->sources = 1;
+}
+
+// switches LSH compression on for an MoE model (before its first forward); 0 or an error in err
+static int gpt2_set_lsh(GPT2* model, LSHConfig lsh, int sources, uint64_t seed, char* err, size_t errlen) {
+    if (moe_lsh_check(model->config.num_experts, lsh, sources, model->comm.world, err, errlen) != 0) { return -1; }
+    if (model->acts_memory != NULL) { snprintf(err, errlen, "gpt2_set_lsh: call it before the first forward"); return -1; }
+    model->lsh = lsh;
+    model->sources = sources;
+    model->lsh_seed = seed;
+    return 0;
 }
 
 // AdamW's moments on the device: zeros, or a resumed run's (host, count_parameters floats each)
@@ -774,7 +797,7 @@ static void gpt2_allocate_activations(GPT2* model, int B, int T) {
     size_t L = c->num_layers, Ld = num_dense_layers(c), Lm = num_moe_layers(c), C = c->channels, NH = c->num_heads;
     size_t Vp = c->padded_vocab_size, N = (size_t)B * T, X = sizeof(floatX), F = sizeof(float), I = sizeof(int);
     size_t E = Lm > 0 ? c->num_experts : 0, K = Lm > 0 ? c->top_k : 0, H = Lm > 0 ? c->expert_hidden : 0;
-    size_t S = N * K, WS = (size_t)model->comm.world * S;
+    size_t S = N * K, WS = (size_t)model->comm.world * S, lsh = model->lsh.L > 0, G = E * model->sources;
     model->batch_size = B;
     model->seq_len = T;
     ActivationTensors* a = &model->acts;
@@ -785,7 +808,8 @@ static void gpt2_allocate_activations(GPT2* model, int B, int T) {
         (void**)&a->logits, (void**)&a->losses, (void**)&a->proj, (void**)&a->router_logits, (void**)&a->router_probs,
         (void**)&a->gates, (void**)&a->lb_f, (void**)&a->expert_idx, (void**)&a->slot_row, (void**)&a->row_slot,
         (void**)&a->recv_perm, (void**)&a->moe_y, (void**)&a->expin, (void**)&a->exph, (void**)&a->exph_gelu,
-        (void**)&a->expout, (void**)&a->lse, (void**)&a->prob_sums, (void**)&a->sendbuf, (void**)&a->recvbuf};
+        (void**)&a->expout, (void**)&a->lse, (void**)&a->prob_sums, (void**)&a->sendbuf, (void**)&a->recvbuf,
+        (void**)&a->lsh_cent, (void**)&a->lsh_ycent};
     size_t abytes[GPU_ACTIVATION_TENSORS] = {
         N * C * X, L * N * C * X, L * N * F, L * N * F, L * N * 3 * C * X, L * N * C * X,
         L * B * NH * T * T * X, L * N * C * X, L * N * C * X, L * N * F, L * N * F, Ld * N * 4 * C * X,
@@ -793,7 +817,7 @@ static void gpt2_allocate_activations(GPT2* model, int B, int T) {
         N * Vp * X, N * F, N * C * X, Lm * N * E * F, Lm * N * E * F,
         Lm * S * F, Lm * E * F, Lm * S * I, Lm * S * I, Lm * S * I,
         Lm * WS * I, Lm * S * C * X, Lm * WS * C * X, Lm * WS * H * X, Lm * WS * H * X,
-        Lm * WS * C * X, N * F, E * sizeof(double), WS * C * X, WS * C * X};
+        Lm * WS * C * X, N * F, E * sizeof(double), WS * C * X, WS * C * X, lsh * S * C * X, lsh * S * C * X};
     model->acts_memory = carve(aptrs, abytes, GPU_ACTIVATION_TENSORS, "the activations");
     GradScratch* g = &model->g;
     void** gptrs[GPU_GRAD_SCRATCH_TENSORS] = {
@@ -818,8 +842,15 @@ static void gpt2_allocate_activations(GPT2* model, int B, int T) {
     model->host_bucket_counts = (int*)mallocCheck(Vp * sizeof(int));
     model->host_inputs = (int*)mallocCheck(N * sizeof(int));
     model->host_losses = (float*)mallocCheck(N * sizeof(float));
+    if (lsh) {
+        model->lsh_R = (float*)gpu_alloc((size_t)model->lsh.L * model->lsh.dp * C * sizeof(float), "LSH projections", "lower -J or -P");
+        model->host_lsh_R = (float*)mallocCheck((size_t)model->lsh.L * model->lsh.dp * C * sizeof(float));
+        lsh_scratch_init(&model->lsh_scratch, (int)S, (int)G, (int)C);
+        model->lsh_layouts = (LSHLayout*)mallocCheck(Lm * sizeof(LSHLayout));
+        for (size_t m = 0; m < Lm; m++) { lsh_layout_alloc(&model->lsh_layouts[m], (int)S, (int)G); }
+    }
     if (Lm > 0) {
-        model->routing_memory = moe_routing_allocate(&model->routing, (int)Lm, S, model->comm.world, (int)E, model->E_local, 1, 0);
+        model->routing_memory = moe_routing_allocate(&model->routing, (int)Lm, S, model->comm.world, (int)E, model->E_local, model->sources, (int)lsh);
         model->host_lse = (float*)mallocCheck(N * sizeof(float));
         model->host_prob_sums = (double*)mallocCheck(E * sizeof(double));
         model->host_lb_f = (float*)mallocCheck(E * sizeof(float));
@@ -864,7 +895,8 @@ static ActivationTensors moe_layer_acts(const GPT2* model, int m, int N) {
 static MoERouting moe_layer_routing(const GPT2* model, int m, int N) {
     const GPT2Config* c = &model->config;
     size_t WS = (size_t)model->comm.world * model->batch_size * model->seq_len * c->top_k;
-    return moe_routing_layer(model->routing, m, (size_t)N * c->top_k, WS, model->comm.world, c->num_experts, model->E_local, 1, 0);
+    return moe_routing_layer(model->routing, m, (size_t)N * c->top_k, WS, model->comm.world, c->num_experts, model->E_local,
+                             model->sources, model->lsh.L > 0);
 }
 
 // the forward of MoE layer m on this rank's N tokens x (N,C) after ln2; out (N,C) is written.
@@ -913,15 +945,40 @@ static void moe_layer_forward(GPT2* model, int m, floatX* out, const floatX* x, 
     // 5. gather the kept rows by expert
     launch_kernel(moe_gather_kernel, grid_for((size_t)R_send * C, 256), dim3(256), 0, s, model->acts.sendbuf, x, a.row_slot, R_send, C, K);
     cudaCheck(cudaGetLastError());
-    long long crossing = moe_groups_layout(rt.group_rows, rt.send_offsets, rt.row_slot, N, K, E, 1, rank, W);
+    int V = model->sources, G = E * V;
+    long long crossing = moe_groups_layout(rt.group_rows, rt.send_offsets, rt.row_slot, N, K, E, V, rank, W);
     st->wire_rows[0] += crossing;
+    const floatX* dispatched = model->acts.sendbuf;
+    if (model->lsh.L > 0) {
+        // LSH-MoE sec. 3: each group (e, v) becomes its bucket centroids; the count exchange
+        // carries the centroid counts, known only after hashing
+        lsh_projections_init(model->host_lsh_R, model->lsh.L, model->lsh.dp, C, lsh_seed(model->lsh_seed, m, model->step));
+        cudaCheck(cudaMemcpy(model->lsh_R, model->host_lsh_R, (size_t)model->lsh.L * model->lsh.dp * C * sizeof(float), cudaMemcpyHostToDevice));
+        LSHLayout* lay = &model->lsh_layouts[m];
+        lsh_compress(lay, model->acts.lsh_cent, (const floatX*)model->acts.sendbuf, rt.group_rows, G, C, model->lsh_R, &model->lsh,
+                     &model->lsh_scratch, &st->lsh);
+        memcpy(rt.group_cents, lay->group_cents_host, (G + 1) * sizeof(int));
+        int per_owner = E / (W * V), *my_wire = model->host_fill; // (E): centroid rows this rank sends each expert
+        crossing = 0;
+        for (int e = 0; e < E; e++) {
+            my_wire[e] = 0;
+            for (int v = 0; v < V; v++) {
+                int mg = rt.group_cents[e * V + v + 1] - rt.group_cents[e * V + v];
+                my_wire[e] += mg;
+                if (e / per_owner != rank * V + v) { crossing += mg; }
+            }
+        }
+        allgather_ints(my_wire, rt.wire, E, &model->comm);
+        dispatched = model->acts.lsh_cent;
+    } else {
+        memcpy(rt.wire, rt.kept, (size_t)W * E * sizeof(int));
+    }
     st->wire_rows[1] += crossing;
-    memcpy(rt.wire, rt.kept, (size_t)W * E * sizeof(int));
     // 6. dispatch: each rank receives its experts' rows, regrouped by expert
     moe_send_rows(rt.send_rows, rt.wire, rank, W, E);
     int R = moe_receive_layout(rt.recv_perm, rt.expert_offsets, rt.recv_rows, rt.wire, W, E, model->e0, El);
     cudaCheck(cudaMemcpy(a.recv_perm, rt.recv_perm, R * sizeof(int), cudaMemcpyHostToDevice));
-    gpu_alltoall_rows(model->acts.sendbuf, rt.send_rows, model->acts.recvbuf, rt.recv_rows, C, &model->gcomm);
+    gpu_alltoall_rows(dispatched, rt.send_rows, model->acts.recvbuf, rt.recv_rows, C, &model->gcomm);
     launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, a.expin, model->acts.recvbuf, a.recv_perm, R, C, 1);
     cudaCheck(cudaGetLastError());
     // 7. the experts held here, each a GPT-2 MLP over its rows (an expert with no rows is skipped)
@@ -933,10 +990,16 @@ static void moe_layer_forward(GPT2* model, int m, floatX* out, const floatX* x, 
                        a.exph + (size_t)r0 * H, s);
         matmul_forward(a.expout + (size_t)r0 * C, a.exph_gelu + (size_t)r0 * H, p.expprojw + me * C * H, p.expprojb + me * C, n, H, C, NULL, s);
     }
-    // 8. combine: the outputs go back to their senders
+    // 8. combine: the outputs go back to their senders; with LSH one per centroid, plus the residual (Eq. 5)
     launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, model->acts.recvbuf, a.expout, a.recv_perm, R, C, 0);
     cudaCheck(cudaGetLastError());
-    gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, a.moe_y, rt.send_rows, C, &model->gcomm);
+    if (model->lsh.L > 0) {
+        gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, model->acts.lsh_ycent, rt.send_rows, C, &model->gcomm);
+        lsh_decompress(&model->lsh_layouts[m], a.moe_y, (const floatX*)model->acts.lsh_ycent, (const floatX*)model->acts.sendbuf,
+                       (const floatX*)model->acts.lsh_cent, C, &model->lsh, &st->lsh);
+    } else {
+        gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, a.moe_y, rt.send_rows, C, &model->gcomm);
+    }
     // 9. the gate-weighted sum per token
     launch_kernel(moe_combine_forward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, s, out, a.moe_y, a.gates, a.slot_row, N, C, K);
     cudaCheck(cudaGetLastError());
@@ -959,8 +1022,13 @@ static void moe_layer_backward(GPT2* model, int m, floatX* dx, const floatX* dou
     cudaCheck(cudaGetLastError());
     launch_kernel(moe_gates_backward_kernel, dim3(CEIL_DIV(S, 8)), dim3(256), 0, s, d.dgates, dout, a.moe_y, a.slot_row, S, C, K);
     cudaCheck(cudaGetLastError());
+    const floatX* dsent = d.dmoe_y;
+    if (model->lsh.L > 0) { // one gradient row per centroid, G_b = the sum of its rows': this all-to-all shrinks too
+        lsh_decompress_backward(&model->lsh_layouts[m], model->acts.lsh_cent, (const floatX*)d.dmoe_y, C, &model->stats.lsh);
+        dsent = model->acts.lsh_cent;
+    }
     // 8. the output gradients go to the experts' owners
-    gpu_alltoall_rows(d.dmoe_y, rt.send_rows, model->acts.recvbuf, rt.recv_rows, C, &model->gcomm);
+    gpu_alltoall_rows(dsent, rt.send_rows, model->acts.recvbuf, rt.recv_rows, C, &model->gcomm);
     launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, d.dexpout, model->acts.recvbuf, a.recv_perm, R, C, 1);
     cudaCheck(cudaGetLastError());
     // 7. the experts' backward: weight gradients here, input gradients back
@@ -976,7 +1044,14 @@ static void moe_layer_backward(GPT2* model, int m, floatX* dx, const floatX* dou
     // 6. dispatch backward: the input gradients go back to their senders
     launch_kernel(permute_rows_kernel, grid_for((size_t)R * C, 256), dim3(256), 0, s, model->acts.recvbuf, d.dexpin, a.recv_perm, R, C, 0);
     cudaCheck(cudaGetLastError());
-    gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, model->acts.sendbuf, rt.send_rows, C, &model->gcomm);
+    if (model->lsh.L > 0) { // dx_i = g_i + (J^T G_b - G_b) / n_b (compensated), or J^T G_b / n_b
+        gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, model->acts.lsh_ycent, rt.send_rows, C, &model->gcomm);
+        cudaCheck(cudaMemset(model->acts.sendbuf, 0, (size_t)R_send * C * sizeof(floatX)));
+        lsh_compress_backward(&model->lsh_layouts[m], model->acts.sendbuf, (const floatX*)d.dmoe_y, (const floatX*)model->acts.lsh_ycent,
+                              (const floatX*)model->acts.lsh_cent, C, &model->lsh, &model->stats.lsh);
+    } else {
+        gpu_alltoall_rows(model->acts.recvbuf, rt.recv_rows, model->acts.sendbuf, rt.send_rows, C, &model->gcomm);
+    }
     // 5. summed per token
     launch_kernel(moe_scatter_backward_kernel, grid_for((size_t)N * C, 256), dim3(256), 0, s, dx, model->acts.sendbuf, a.slot_row, N, C, K);
     cudaCheck(cudaGetLastError());
@@ -1203,6 +1278,13 @@ void gpt2_free(GPT2* model) {
     cudaCheck(cudaFree(model->buckets.tokens));
     cudaCheck(cudaFree(model->norm_parts));
     gpu_comm_free(&model->gcomm);
+    if (model->lsh_layouts != NULL) {
+        for (int m = 0; m < num_moe_layers(&model->config); m++) { lsh_layout_free(&model->lsh_layouts[m]); }
+        lsh_scratch_free(&model->lsh_scratch);
+        cudaCheck(cudaFree(model->lsh_R));
+    }
+    free(model->lsh_layouts);
+    free(model->host_lsh_R);
     free(model->routing_memory);
     free(model->host_buckets.tokens);
     free(model->host_bucket_counts);
@@ -1290,7 +1372,6 @@ int main(int argc, char** argv) {
     RunStart start;
     run_start(&start, &args, &comm);
     check_batch_fits(&args, &start.config, W);
-    if (args.lsh_L > 0 || args.sources > 1) { fail_exit("flags -J/-V: LSH compression of the all-to-all is the next step of the GPU trainer"); }
     gpu_select_device(&comm);
     matmul_init();
     GPT2 model;
@@ -1300,6 +1381,9 @@ int main(int argc, char** argv) {
     model.capacity_factor = args.capacity_factor;
     model.aux_loss_weight = args.aux_w;
     model.z_loss_weight = args.z_w;
+    LSHConfig lsh = {args.lsh_L, args.lsh_dp, args.lsh_center, args.lsh_compensate};
+    char err[1024];
+    if (gpt2_set_lsh(&model, lsh, args.sources, args.seed, err, sizeof(err)) != 0) { fail_exit("flags -J/-P/-V: %s", err); }
     const GPT2Config* cfg = &model.config;
     int B = args.B, T = args.T;
     int grad_accum = args.total_batch / (B * T * W);
@@ -1342,6 +1426,7 @@ int main(int argc, char** argv) {
         StepStats st;
         step_stats_begin(&st, load, log.E);
         gpt2_zero_grad(&model);
+        model.step = step;
         for (int micro = 0; micro < grad_accum; micro++) {
             dataloader_next_batch(&train_loader);
             gpt2_forward(&model, train_loader.inputs, train_loader.targets, B, T);

@@ -35,6 +35,9 @@ sanitized="./test_moe_asan ./dev/test_dataloader_asan ./dev/test_lshmoe_asan"
 # and the GPU trainer's tests against the CPU trainer, through it (fp32, bf16)
 if [ -x ./dev/cuda/test_emu ]; then
     run ./dev/cuda/test_emu
+    for k in lsh_hash lsh_buckets lsh_bucket_sum lsh_compensate lsh_compress_backward lsh_stats; do # lshmoe.cu's kernels
+        run ./dev/cuda/${k}_emu
+    done
     run ./test_moe_emu
     run ./test_moe_emu_bf16
     sanitized="$sanitized ./dev/cuda/test_emu_asan ./test_moe_emu_asan"
@@ -57,7 +60,8 @@ for t in $sanitized; do
 done
 # the compile gate for CUDA code: nvcc for sm_80 and sm_90, ptxas spills and local memory as errors
 if [ -n "${NVCC:-}" ]; then
-    for target in dev/cuda/test_emu_gpu train_gpt2_moe test_moe_gpu; do
+    for target in dev/cuda/test_emu_gpu train_gpt2_moe test_moe_gpu dev/cuda/lsh_hash dev/cuda/lsh_buckets dev/cuda/lsh_bucket_sum \
+                  dev/cuda/lsh_compensate dev/cuda/lsh_compress_backward dev/cuda/lsh_stats; do
         if make -s "$target" >"$log.nvcc" 2>&1; then
             links=""
             if [ "$target" = train_gpt2_moe ] && ldd train_gpt2_moe | grep -q libnccl && ldd train_gpt2_moe | grep -q libmpi; then

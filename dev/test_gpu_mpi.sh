@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Expert parallelism of the GPU trainer, emulated on the CPU under mpirun (train_gpt2_moe_emu_mpi:
 # fp32, the MPI transport of gpu_comm.cuh), against the CPU trainer's MPI build on the same global
-# batch: losses and dropped slots for W = 1, 2, 4; a router that gives one rank no tokens; a
+# batch: losses and dropped slots for W = 1, 2, 4; with LSH at W = 2, 4 against the CPU trainer's
+# single process simulating W sources (-V W); a router that gives one rank no tokens; a
 # checkpoint written by 2 ranks read by 4; resume and repeat bit-exact; a rank that cannot resume
 # stops all. Prints ok/FAIL lines (skip without mpirun). Run from the repository root after
 # `make train_gpt2_moe_emu_mpi train_gpt2_moe_mpi train_gpt2_moe_cpu`.
 set -u
-if ! command -v mpirun >/dev/null || [ ! -x ./train_gpt2_moe_emu_mpi ] || [ ! -x ./train_gpt2_moe_mpi ]; then
-    echo "skip gpu_mpi (needs mpirun, train_gpt2_moe_emu_mpi and train_gpt2_moe_mpi)"
+if ! command -v mpirun >/dev/null || [ ! -x ./train_gpt2_moe_emu_mpi ] || [ ! -x ./train_gpt2_moe_mpi ] || [ ! -x ./train_gpt2_moe_cpu ]; then
+    echo "skip gpu_mpi (needs mpirun, train_gpt2_moe_emu_mpi, train_gpt2_moe_mpi and train_gpt2_moe_cpu)"
     exit 0
 fi
 MPIRUN="mpirun --allow-run-as-root --oversubscribe"
 GPU=./train_gpt2_moe_emu_mpi
 CPU=./train_gpt2_moe_mpi
+CPU_SOLO=./train_gpt2_moe_cpu
 export OMP_NUM_THREADS=1 # W processes on 2 cores
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -20,22 +22,30 @@ DATA="-i data/tinyshakespeare/tiny_shakespeare_train.bin -j data/tinyshakespeare
 RUN="-E 4 -K 2 -t 32 -d 128 -x 3 -v 3 -m 1 -s 0 -l 1e-3 $DATA" # global batch 4 x 32 tokens
 notime() { sed -E 's/ ms:[0-9.]+//' "$1"; }
 
-# the losses (and dropped slots) of two main.logs: one line, and a row per step for the table
-compare_logs() { # name cpu_log gpu_log bound
+# the losses, dropped slots and wire MB of two main.logs (and rank 0's LSH centroids per row,
+# unless a fifth argument says the CPU log is one process simulating the ranks): one line
+compare_logs() { # name cpu_log gpu_log bound [simulated]
     python3 - "$@" <<'PY'
 import re, sys
 name, a, b, bound = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+simulated = len(sys.argv) > 5
+def field(line, key):
+    m = re.search(r" %s:([0-9.]+)" % key, line)
+    return m.group(1) if m else None
 def read(path):
     out = []
     for line in open(path):
-        m = re.match(r"s:(\d+) (tel|trl):([0-9.]+)(?:.* drop:(\d+))?", line)
-        if m: out.append((int(m.group(1)), m.group(2), float(m.group(3)), m.group(4)))
+        m = re.match(r"s:(\d+) (tel|trl):([0-9.]+)", line)
+        if m: out.append((int(m.group(1)), m.group(2), float(m.group(3)), field(line, "drop"), field(line, "wire_mb"),
+                          None if simulated else field(line, "lsh_rate")))
     return out
 x, y = read(a), read(b)
-ok = len(x) == len(y) > 0 and all(p[:2] == q[:2] and p[3] == q[3] for p, q in zip(x, y))
+ok = len(x) == len(y) > 0 and all(p[:2] == q[:2] and p[3:] == q[3:] for p, q in zip(x, y))
 worst = max(abs(p[2] - q[2]) for p, q in zip(x, y)) if ok else float("inf")
-rows = " ".join(f"{p[1]}@{p[0]}:{p[2]:.6f}/{q[2]:.6f}" + (f"(drop {p[3]})" if p[3] else "") for p, q in zip(x, y))
-print(f"{'ok  ' if ok and worst <= bound else 'FAIL'} gpu_mpi/{name} max diff {worst:.1e} (bound {bound:g}), same dropped slots: {ok}; CPU/GPU {rows}")
+rows = " ".join(f"{p[1]}@{p[0]}:{p[2]:.6f}/{q[2]:.6f}" + (f"(drop {p[3]})" if p[3] else "") + (f"(lsh {q[5]})" if q[5] else "")
+                for p, q in zip(x, y))
+same = "same dropped slots, wire MB" + (" and rank 0's centroid counts" if any(q[5] for q in y) else "")
+print(f"{'ok  ' if ok and worst <= bound else 'FAIL'} gpu_mpi/{name} max diff {worst:.1e} (bound {bound:g}), {same}: {ok}; CPU/GPU {rows}")
 PY
 }
 
@@ -51,6 +61,18 @@ for cf in 1.0 0; do
     done
 done
 grep -h "a2a_sent" "$tmp/gpu_w2_1.0/main.log" | head -1 | grep -o "a2a_sent.*" | sed "s/^/     W=2 rank 0, step 0, MB per all-to-all (dispatch, combine, their backwards): /"
+
+# LSH: W real ranks (mpirun -np W, -V 1) hash the same groups as one CPU process simulating W
+# source ranks (-V W): the same losses and centroids on the wire (bound as above); and rank 0's
+# own centroid counts as the CPU trainer's MPI build's
+for w in 2 4; do
+    LSHRUN="-e d4 $RUN -F 0 -J 2 -P 2"
+    timeout 600 $CPU_SOLO $LSHRUN -b 4 -V $w -o "$tmp/cpu_lsh$w" >"$tmp/cpu.out" 2>&1 || echo "FAIL gpu_mpi/cpu_lsh_V$w: $(tail -2 "$tmp/cpu.out")"
+    timeout 600 $MPIRUN -np $w $CPU $LSHRUN -b $((4 / w)) -o "$tmp/cpu_mpi_lsh$w" >"$tmp/cpu.out" 2>&1 || echo "FAIL gpu_mpi/cpu_lsh_W$w: $(tail -2 "$tmp/cpu.out")"
+    timeout 600 $MPIRUN -np $w $GPU $LSHRUN -b $((4 / w)) -o "$tmp/gpu_lsh$w" >"$tmp/gpu.out" 2>&1 || echo "FAIL gpu_mpi/gpu_lsh_W$w: $(tail -2 "$tmp/gpu.out")"
+    compare_logs "W${w}_lsh_vs_cpu_V$w" "$tmp/cpu_lsh$w/main.log" "$tmp/gpu_lsh$w/main.log" 2e-5 simulated
+    compare_logs "W${w}_lsh_vs_cpu_W$w" "$tmp/cpu_mpi_lsh$w/main.log" "$tmp/gpu_lsh$w/main.log" 2e-5
+done
 
 # 2. a checkpoint whose routers send every token to rank 1's experts: rank 0's experts get no
 # rows at all, and every rank still posts its all-to-alls (no hang); the CPU trainer agrees
