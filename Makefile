@@ -18,6 +18,21 @@ else
   $(info OpenMP not found: building single-threaded)
 endif
 
+# BLAS: the matmuls of the CPU trainer through OpenBLAS's OpenMP build (Debian:
+# libopenblas-openmp-dev), whose threads are the trainer's own OpenMP threads, so BLAS and the
+# OpenMP loops never compete for cores. BLAS=0, or no OpenBLAS: the plain C loops (the reference)
+BLAS_ARCH := $(shell $(CC) -print-multiarch 2>/dev/null)
+BLAS_INCLUDE := /usr/include/$(BLAS_ARCH)/openblas-openmp
+BLAS_LIBDIR := /usr/lib/$(BLAS_ARCH)/openblas-openmp
+ifeq ($(BLAS),0)
+  $(info BLAS=0: the CPU trainer's matmuls are the plain C loops)
+else ifeq ($(shell test -f $(BLAS_INCLUDE)/cblas.h && test -f $(BLAS_LIBDIR)/libopenblas.so && echo yes),yes)
+  CPU_BLAS = -DUSE_BLAS -I$(BLAS_INCLUDE)
+  CPU_BLAS_LIBS = -L$(BLAS_LIBDIR) -Wl,-rpath,$(BLAS_LIBDIR) -lopenblas
+else
+  $(info OpenBLAS not found: the CPU trainer uses its plain C matmuls; apt-get install libopenblas-openmp-dev for a ~3x faster build)
+endif
+
 NVCC := $(shell which nvcc 2>/dev/null)
 MPICC := $(shell which mpicc 2>/dev/null)
 CXX = g++
@@ -52,9 +67,13 @@ TEST_HEADERS = $(HEADERS) dev/testing.h
 all: train_gpt2_moe_cpu test_moe test_moe_f64 dev/test_dataloader dev/test_lshmoe dev/data/tokenize
 
 train_gpt2_moe_cpu: train_gpt2_moe.c $(HEADERS)
-	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 
 test_moe: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
+	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
+
+# the same tests on the plain C matmuls (what BLAS=0 builds), so both backends stay tested
+test_moe_noblas: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the same trainer in double precision, for finite-difference checks
@@ -71,7 +90,7 @@ dev/test_lshmoe: dev/test_lshmoe.c $(TEST_HEADERS)
 # the test suite under AddressSanitizer and UndefinedBehaviorSanitizer (make test runs it)
 SANITIZE = -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 test_moe_asan: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
-	$(CC) $(CFLAGS) $(SANITIZE) $< -o $@ $(LDLIBS)
+	$(CC) $(CFLAGS) $(CPU_BLAS) $(SANITIZE) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 dev/test_dataloader_asan: dev/test_dataloader.c $(TEST_HEADERS)
 	$(CC) $(CFLAGS) $(SANITIZE) -I. $< -o $@ $(LDLIBS)
 dev/test_lshmoe_asan: dev/test_lshmoe.c $(TEST_HEADERS)
@@ -133,14 +152,14 @@ train_gpt2_moe_mpi: train_gpt2_moe.c $(HEADERS)
 ifeq ($(MPICC),)
 	@echo "mpicc not found: install libopenmpi-dev openmpi-bin for the MPI build" && false
 else
-	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -DUSE_MPI $< -o $@ $(LDLIBS)
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) $(CPU_BLAS) -DUSE_MPI $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 endif
 
 test_moe_mpi: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 ifeq ($(MPICC),)
 	@echo "mpicc not found: install libopenmpi-dev openmpi-bin for the MPI tests" && false
 else
-	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) -Wno-unused-function -DUSE_MPI -DTEST_MPI $< -o $@ $(LDLIBS)
+	OMPI_CC=$(CC) $(MPICC) $(CFLAGS) $(CPU_BLAS) -Wno-unused-function -DUSE_MPI -DTEST_MPI $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 endif
 
 dev/data/tokenize: dev/data/tokenize.c tokenizer.h
@@ -162,7 +181,7 @@ endif
 # when torch is installed, else uses the ones committed in dev/reference/states
 # (the MPI tests join when mpicc is installed, and report themselves skipped otherwise)
 MPI_TEST_TARGETS := $(if $(MPICC),test_moe_mpi train_gpt2_moe_mpi,)
-test: test_moe test_moe_f64 dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) $(EMU_TARGETS) train_gpt2_moe_cpu dev/data/tokenize $(MPI_TEST_TARGETS)
+test: test_moe $(if $(CPU_BLAS),test_moe_noblas,) test_moe_f64 dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) $(EMU_TARGETS) train_gpt2_moe_cpu dev/data/tokenize $(MPI_TEST_TARGETS)
 	PYTHON=$(PYTHON) NVCC=$(NVCC) bash dev/run_tests.sh
 
 # on a machine with a GPU: the same tests, compiled by nvcc, on the device
@@ -185,5 +204,5 @@ data: dev/data/tokenize
 	bash dev/data/tinyshakespeare.sh
 
 clean:
-	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu $(LSH_KERNELS_GPU) $(LSH_KERNELS_EMU) \
+	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_noblas test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu $(LSH_KERNELS_GPU) $(LSH_KERNELS_EMU) \
 	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 train_gpt2_moe_emu_mpi test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu

@@ -1206,8 +1206,15 @@ static void test_ep_checkpoint(const char* mode, const char* path) {
         rc = gpt2_load_checkpoint(&one, path, NULL, 0.0f, 0, solo, err, sizeof(err));
         gpt2_forward(&one, x, y, Bg, T);
         double e = max_abs_diff(logits, one.acts.logits, (size_t)Bg * T * c.padded_vocab_size);
+        // the plain matmuls compute each row alone: bit for bit. sgemm's result for a row can
+        // depend on how many rows it is given (its blocking): fp32 rounding, ~1e-7 here
+#ifdef USE_BLAS
+        double bound = 1e-6;
+#else
+        double bound = 0.0;
+#endif
         snprintf(tname, sizeof(tname), "ep/W%d/checkpoint_same_logits", W);
-        check(rc == 0 && e == 0.0, tname, "max abs logit diff %.1e vs the single-process load (bitwise)", e);
+        check(rc == 0 && e <= bound, tname, "max abs logit diff %.1e vs the single-process load (bound %s)", e, bound > 0.0 ? "1e-6, OpenBLAS" : "0, bitwise");
         char cmd[1300];
         snprintf(cmd, sizeof(cmd), "cmp -s %s %s", path, again);
         snprintf(tname, sizeof(tname), "ep/W%d/checkpoint_rewrite_identical", W);

@@ -7,7 +7,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 STEPS=${1:-8}; B=${2:-4}; T=${3:-64}
-BIN=./train_gpt2_moe_cpu
+BIN=${BIN:-./train_gpt2_moe_cpu} # BIN=... times another build (e.g. one made with make BLAS=0)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT

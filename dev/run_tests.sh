@@ -24,6 +24,8 @@ else
 fi
 # 2. the C suites: fp32 against PyTorch and the rest, fp64 finite differences, the headers' own
 run ./test_moe
+# the plain C matmuls too, when test_moe itself runs on OpenBLAS (make BLAS=0 builds these)
+[ -x ./test_moe_noblas ] && run ./test_moe_noblas
 run ./test_moe_f64
 run ./dev/test_dataloader
 run ./dev/test_lshmoe
