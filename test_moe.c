@@ -891,6 +891,50 @@ static void test_grad_accumulation(void) {
     gpt2_free(&big);
     gpt2_free(&small);
 }
+
+// one training step gives the same bits run to run, and in the plain C build for any thread count
+// (1, 2, 3): the kernels split work only where each output keeps its own order of sums (layernorm's
+// columns in blocks of 64, the gradient norm in blocks of 65,536, the experts side by side). The
+// BLAS build runs twice on 2 threads instead: sgemm's blocking depends on the thread count (README).
+// The model is big enough for several blocks of each.
+static void test_threads_same_bits(void) {
+#ifdef OMP
+    GPT2Config c = tiny_config(4, 2, 1, 2);
+    c.channels = 192; c.num_heads = 4; c.expert_hidden = 384; // 3 column blocks; expfcw 295K floats
+    int x[32], y[32];
+    random_tokens(x, 32, 100, 51);
+    random_tokens(y, 32, 100, 52);
+#ifdef USE_BLAS
+    int thread_counts[3] = {2, 2, 2};
+#else
+    int thread_counts[3] = {1, 2, 3};
+#endif
+    float* first = NULL;
+    size_t n = 0;
+    int max_threads = omp_get_max_threads();
+    for (int run = 0; run < 3; run++) {
+        omp_set_num_threads(thread_counts[run]);
+        GPT2 model;
+        random_model(&model, &c, 61);
+        gpt2_forward(&model, x, y, 2, 16);
+        gpt2_zero_grad(&model);
+        gpt2_backward(&model, 1.0f);
+        adamw_step(&model, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, 1); // clipped: the norm matters
+        n = model.num_parameters;
+        if (run == 0) {
+            first = (float*)mallocCheck(n * sizeof(float));
+            memcpy(first, model.params_memory, n * sizeof(float));
+        } else {
+            int same = memcmp(first, model.params_memory, n * sizeof(float)) == 0;
+            check(same, "threads/same_bits", "run %d on %d threads: parameters after one step %s those of the first run on %d",
+                  run + 1, thread_counts[run], same ? "equal" : "differ from", thread_counts[0]);
+        }
+        gpt2_free(&model);
+    }
+    omp_set_num_threads(max_threads);
+    free(first);
+#endif
+}
 #endif
 
 
@@ -1284,6 +1328,7 @@ int main(void) {
     test_checkpoint_saves();
     test_flags();
     test_tokenizer();
+    test_threads_same_bits(); // last: the tests above fork, and forks of a process with a thread pool make LeakSanitizer warn
 #endif
     char cmd[300];
     snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
