@@ -76,6 +76,16 @@ test_moe: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 test_moe_noblas: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
+# the trainer on the plain C matmuls next to the BLAS one, for make bench-cpu
+train_gpt2_moe_cpu_noblas: train_gpt2_moe.c $(HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# the trainer's matmuls against bare sgemm (make bench-cpu), and a step's time phase by phase
+dev/bench_matmul: dev/bench_matmul.c train_gpt2_moe.c $(HEADERS)
+	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
+dev/profile_step: dev/profile_step.c train_gpt2_moe.c $(HEADERS)
+	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
+
 # the same trainer in double precision, for finite-difference checks
 test_moe_f64: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 	$(CC) $(CFLAGS) -DTEST_F64 $< -o $@ $(LDLIBS)
@@ -167,7 +177,7 @@ dev/data/tokenize: dev/data/tokenize.c tokenizer.h
 
 # the quick start: a small MoE (d4, 8 experts, top-2) on Tiny Shakespeare, a few minutes on 2 cores
 # (on the GPU trainer when nvcc is here and nvidia-smi finds a GPU, else on the CPU trainer)
-QUICKSTART = -e d4 -E 8 -K 2 -b 8 -t 64 -x 60 -v 20 -m 10 -s 60 -g 64 -l 1e-3 -u 5 -q 0.1 -o log_quickstart
+QUICKSTART = -e d4 -E 8 -K 2 -b 8 -t 64 -x 300 -v 50 -m 10 -s 300 -g 64 -l 1e-3 -u 20 -q 0.1 -o log_quickstart
 HAVE_GPU := $(if $(NVCC),$(shell nvidia-smi >/dev/null 2>&1 && echo yes),)
 ifeq ($(HAVE_GPU),yes)
 run: train_gpt2_moe
@@ -197,7 +207,7 @@ endif
 
 bench: bench-cpu
 
-bench-cpu: train_gpt2_moe_cpu
+bench-cpu: train_gpt2_moe_cpu train_gpt2_moe_cpu_noblas dev/profile_step $(if $(CPU_BLAS),dev/bench_matmul,) $(if $(MPICC),train_gpt2_moe_mpi,)
 	bash dev/bench_cpu.sh
 
 data: dev/data/tokenize
