@@ -14,15 +14,9 @@ Needs the BLAS build (OpenBLAS): the bare sgemm is the baseline.
 #ifndef USE_BLAS
 int main(void) { fprintf(stderr, "error: dev/bench_matmul needs OpenBLAS (libopenblas-openmp-dev)\n"); return 1; }
 #else
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static float* random_floats(size_t n, uint64_t* rng) {
     float* x = (float*)mallocCheck(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) { x[i] = random_f32(rng) * 2.0f - 1.0f; }
+    normal_fill(x, n, 1.0f, rng);
     return x;
 }
 
@@ -54,14 +48,14 @@ int main(int argc, char** argv) {
         double flops = 6.0 * N * Cin * OC; // forward 2NCO, backward 4NCO
         double best_trainer = 1e30, best_sgemm = 1e30; // best of reps: the least disturbed run
         for (int r = 0; r <= reps; r++) { // r = 0 warms caches and OpenBLAS's threads
-            double t0 = now_s();
+            double t0 = now_seconds();
             matmul_forward(out, inp, weight, bias, N, Cin, OC);
             matmul_backward(dinp, dweight, dbias, dout, inp, weight, N, Cin, OC);
-            double t1 = now_s();
+            double t1 = now_seconds();
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, Cin, 1.0f, inp, Cin, weight, Cin, 0.0f, out, OC);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, Cin, OC, 1.0f, dout, OC, weight, Cin, 1.0f, dinp, Cin);
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, Cin, N, 1.0f, dout, OC, inp, Cin, 1.0f, dweight, Cin);
-            double t2 = now_s();
+            double t2 = now_seconds();
             if (r > 0 && t1 - t0 < best_trainer) { best_trainer = t1 - t0; }
             if (r > 0 && t2 - t1 < best_sgemm) { best_sgemm = t2 - t1; }
         }

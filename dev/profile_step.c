@@ -8,12 +8,6 @@ Usage: dev/profile_step descriptor B T [E K [steps]]   (e.g. d6 4 64 for dense, 
 #define TESTING
 #include "../train_gpt2_moe.c"
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 int main(int argc, char** argv) {
     if (argc < 4 || argc == 5) { fprintf(stderr, "usage: %s descriptor B T [E K [steps]]\n", argv[0]); return 1; }
     GPT2Config c;
@@ -36,27 +30,22 @@ int main(int argc, char** argv) {
     uint64_t rng = 42;
     for (int i = 0; i <= B * T; i++) { tokens[i] = random_u32(&rng) % c.vocab_size; }
 
-    const char* names[] = {"forward", "backward", "zero_grad", "grad_norm", "adamw"};
+    const char* names[] = {"zero_grad", "forward", "backward", "grad_norm", "adamw"}; // in step order
     double total[5] = {0};
     for (int step = 0; step <= steps; step++) { // step 0 warms up and is not counted
         double t[6];
-        t[0] = now_s();
+        t[0] = now_seconds();
         gpt2_zero_grad(&model); // timed apart from the rest: it is a pass over every gradient
-        t[1] = now_s();
+        t[1] = now_seconds();
         gpt2_forward(&model, tokens, tokens + 1, B, T);
-        t[2] = now_s();
+        t[2] = now_seconds();
         gpt2_backward(&model, 1.0f);
-        t[3] = now_s();
+        t[3] = now_seconds();
         float norm = gpt2_grad_norm(&model);
-        t[4] = now_s();
+        t[4] = now_seconds();
         gpt2_update(&model, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, grad_clip_scale(norm, 1.0f), step + 1);
-        t[5] = now_s();
-        if (step == 0) { continue; }
-        total[2] += t[1] - t[0];
-        total[0] += t[2] - t[1];
-        total[1] += t[3] - t[2];
-        total[3] += t[4] - t[3];
-        total[4] += t[5] - t[4];
+        t[5] = now_seconds();
+        for (int i = 0; step > 0 && i < 5; i++) { total[i] += t[i + 1] - t[i]; }
     }
     double sum = 0.0;
     for (int i = 0; i < 5; i++) { sum += total[i]; }
