@@ -171,30 +171,30 @@ __global__ void lsh_bucket_sum_kernel(T* out, const T* in, const int* cent_size,
     }
 }
 
-// Eq. 5 (definition 7): yhat_i = y_b + (x_i - c_b), exactly y_b where x_i == c_b (so a one-row
-// bucket stays the uncompressed path bit for bit); without compensation yhat_i = y_b
+// Eq. 5 (definition 7): yhat_i = y_b + a * (x_i - c_b) (a = 1 in the paper), exactly y_b where
+// x_i == c_b (so a one-row bucket stays the uncompressed path bit for bit); a = 0: yhat_i = y_b
 template <typename T>
-__global__ void lsh_compensate_kernel(T* yhat, const T* ycent, const T* x, const T* cent, const int* cent_of_row, int n, int C, int compensate) {
+__global__ void lsh_compensate_kernel(T* yhat, const T* ycent, const T* x, const T* cent, const int* cent_of_row, int n, int C, float compensate) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n * C; i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / C, c = i % C, b = (size_t)cent_of_row[r];
         float yb = (float)ycent[b * C + c];
-        if (!compensate) { yhat[i] = (T)yb; continue; }
+        if (compensate == 0.0f) { yhat[i] = (T)yb; continue; }
         float xc = (float)x[i], cc = (float)cent[b * C + c];
-        yhat[i] = (T)(xc == cc ? yb : yb + (xc - cc));
+        yhat[i] = (T)(xc == cc ? yb : yb + compensate * (xc - cc));
     }
 }
 
-// definition 8: dx_i += dcent_b where n_b = 1 (the uncompressed path), g_i + (dcent_b - G_b) / n_b
-// with compensation, dcent_b / n_b without
+// definition 8: dx_i += dcent_b where n_b = 1 (the uncompressed path), a * g_i + (dcent_b - a * G_b)
+// / n_b with compensation weight a != 0, dcent_b / n_b without
 template <typename T>
 __global__ void lsh_compress_backward_kernel(T* dx, const T* g, const T* dcent, const T* Gsum, const int* cent_of_row, const int* cent_size,
-                                             int n, int C, int compensate) {
+                                             int n, int C, float compensate) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)n * C; i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / C, c = i % C, b = (size_t)cent_of_row[r];
         int nbi = cent_size[b];
         float db = (float)dcent[b * C + c], add;
         if (nbi == 1) { add = db; }
-        else if (compensate) { add = (float)g[i] + (db - (float)Gsum[b * C + c]) / (float)nbi; }
+        else if (compensate != 0.0f) { add = compensate * (float)g[i] + (db - compensate * (float)Gsum[b * C + c]) / (float)nbi; }
         else { add = db / (float)nbi; }
         dx[i] = (T)((float)dx[i] + add);
     }

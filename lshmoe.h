@@ -5,7 +5,7 @@ row-major, contiguous) that one rank sends to one expert in one layer. Cross-pol
 hash functions of projection width dp (d') gives each row a key; rows with the same key form a
 bucket; only the m bucket centroids (means) cross the wire; the expert's output per centroid comes
 back and the sender adds the residual it kept: yhat_i = y_b(i) + (x_i - c_b(i)) (Eq. 5), or
-yhat_i = y_b(i) without compensation. The backward is the exact gradient with the buckets held
+yhat_i = y_b(i) without compensation, or (ours) a weighted residual y_b(i) + a*(x_i - c_b(i)). The backward is the exact gradient with the buckets held
 fixed (ours: the paper is silent). Plain pointers, counts and seeds: no dependency on the trainer.
 
 API (per group; the four calls in the order the trainer makes them):
@@ -71,15 +71,17 @@ Definitions (exact)
    m = number of buckets, 0 for n = 0. O(n) expected (open addressing table in scratch).
 6. Centroids: c_b = s_b / (float)n_b, s_b the fp32 sum of b's rows in row order (started from
    -0.0f, so a one-row bucket's sum, and centroid, is the row itself bit for bit).
-7. Compensation forward: yhat[i][c] = ycent[b][c] + (x[i][c] - cent[b][c]), except that where
+7. Compensation forward, with weight a = cfg.compensate (1: the paper's Eq. 5; 0: off; ours: any
+   a in between scales the residual): yhat[i][c] = ycent[b][c] + a * (x[i][c] - cent[b][c]) (for
+   a = 1 the product is exact, so this is the paper's form bit for bit), except that where
    x[i][c] == cent[b][c] it is ycent[b][c] itself: numerically the same, but it keeps a one-row
    bucket bit-exact under the Makefile's -fassociative-math, with which GCC 12 rewrites the plain
-   form and is then an ulp off (the singleton test catches it). Off: yhat_i = ycent_b.
+   form and is then an ulp off (the singleton test catches it). Off (a = 0): yhat_i = ycent_b.
 8. Backward with the buckets fixed (ours; DESIGN.md step 6), g (n, C) the gradient at yhat:
    G_b = sum of g_i over b in fp32 in row order, started from -0.0f (lsh_compensate_backward);
    the expert's backward at c_b with output gradient G_b gives dcent_b = J_b^T G_b; then
      n_b == 1:            dx_i += dcent_b
-     compensation on:     dx_i += g_i + (dcent_b - G_b) / (float)n_b
+     compensation a != 0: dx_i += a * g_i + (dcent_b - a * G_b) / (float)n_b
      compensation off:    dx_i += dcent_b / (float)n_b
    each evaluated per element in fp32 in the order written. For n_b == 1 both formulas equal
    dcent_b in exact arithmetic, but g + (dcent - g) can be an ulp off in fp32: the explicit
@@ -113,7 +115,8 @@ typedef struct {
     int L;          // hash functions; their keys are ANDed (ours), more functions, more buckets
     int dp;         // d', rows of each projection; a hash takes 2*dp values
     int center;     // subtract the group mean before hashing (ours)
-    int compensate; // residual compensation, LSH-MoE Eq. 5 (0: yhat_i = y_b(i), the ablation)
+    float compensate; // residual weight a: 1 = LSH-MoE Eq. 5, 0 = off (yhat_i = y_b(i), the ablation),
+                      // in between (ours) a scaled residual yhat_i = y_b(i) + a * (x_i - c_b(i))
 } LSHConfig;
 
 #define LSH_MAX_L 64
@@ -365,23 +368,23 @@ static inline void lsh_centroids_forward(float* cent, // (m, C)
     }
 }
 
-// LSH-MoE Eq. 5: yhat_i = y_b + (x_i - c_b), the residual the sender kept
+// LSH-MoE Eq. 5: yhat_i = y_b + a * (x_i - c_b), the residual the sender kept (a = 1 in the paper)
 static inline void lsh_compensate_forward(float* yhat, // (n, C)
                                           const float* ycent, // (m, C)
                                           const float* x, // (n, C)
                                           const float* cent, // (m, C)
                                           const int* bucket_of_row, // (n)
-                                          int n, int C, int compensate) {
+                                          int n, int C, float compensate) {
     for (int i = 0; i < n; i++) {
         int b = bucket_of_row[i];
         float* yi = yhat + (size_t)i * C;
         const float* yb = ycent + (size_t)b * C;
-        if (!compensate) { memcpy(yi, yb, (size_t)C * sizeof(float)); continue; }
+        if (compensate == 0.0f) { memcpy(yi, yb, (size_t)C * sizeof(float)); continue; }
         const float* xi = x + (size_t)i * C;
         const float* cb = cent + (size_t)b * C;
         for (int c = 0; c < C; c++) {
             float xc = xi[c], cc = cb[c];
-            yi[c] = xc == cc ? yb[c] : yb[c] + (xc - cc); // definition 7
+            yi[c] = xc == cc ? yb[c] : yb[c] + compensate * (xc - cc); // definition 7
         }
     }
 }
@@ -394,15 +397,15 @@ static inline void lsh_compensate_backward(float* G, // (m, C)
     lsh_bucket_sum(G, g, bucket_of_row, n, m, C);
 }
 
-// backward of the centroids (DESIGN.md step 6): dx_i += g_i + (dcent_b - G_b) / n_b, or
-// dcent_b / n_b without compensation; dcent = J_b^T G_b from the expert's backward
+// backward of the centroids (DESIGN.md step 6): dx_i += a * g_i + (dcent_b - a * G_b) / n_b (a = 1:
+// the paper's compensation), or dcent_b / n_b without; dcent = J_b^T G_b from the expert's backward
 static inline void lsh_centroids_backward(float* dx, // (n, C) accumulated
                                           const float* g, // (n, C)
                                           const float* dcent, // (m, C)
                                           const float* G, // (m, C)
                                           const int* bucket_of_row, // (n)
                                           const int* bucket_size, // (m)
-                                          int n, int C, int compensate) {
+                                          int n, int C, float compensate) {
     for (int i = 0; i < n; i++) {
         int b = bucket_of_row[i];
         float* dxi = dx + (size_t)i * C;
@@ -411,9 +414,9 @@ static inline void lsh_centroids_backward(float* dx, // (n, C) accumulated
         const float* Gb = G + (size_t)b * C;
         if (bucket_size[b] == 1) { // both formulas are exactly dcent_b here: the uncompressed path
             for (int c = 0; c < C; c++) { dxi[c] += db[c]; }
-        } else if (compensate) {
-            float nb = (float)bucket_size[b];
-            for (int c = 0; c < C; c++) { dxi[c] += gi[c] + (db[c] - Gb[c]) / nb; }
+        } else if (compensate != 0.0f) {
+            float nb = (float)bucket_size[b], a = compensate;
+            for (int c = 0; c < C; c++) { dxi[c] += a * gi[c] + (db[c] - a * Gb[c]) / nb; }
         } else {
             float nb = (float)bucket_size[b];
             for (int c = 0; c < C; c++) { dxi[c] += db[c] / nb; }

@@ -297,6 +297,8 @@ static void test_finite_differences(void) {
     LSHConfig comp = {1, 2, 1, 1}, plain = {2, 2, 0, 0};
     fd_check_model_lsh("lsh_compensated", tiny_config(4, 2, 1, 2), 0.0f, 0.01f, 0.001f, comp, 2);
     fd_check_model_lsh("lsh_no_compensation", tiny_config(4, 2, 1, 2), 1.0f, 0.01f, 0.001f, plain, 2);
+    LSHConfig half = {1, 2, 1, 0.5f}; // the scaled residual (-C 0.5)
+    fd_check_model_lsh("lsh_half_compensation", tiny_config(4, 2, 1, 2), 0.0f, 0.01f, 0.001f, half, 2);
 }
 #endif
 
@@ -867,6 +869,52 @@ static void test_lsh_singletons_exact(void) {
 
 // gradient accumulation: two micro-batches of B=1 with loss scale 1/2 give the same parameter
 // gradients as... (dropless, where routing does not couple the batch rows)
+// -Q 1: bf16_round against the nearest of the two bf16 neighbours (ties to even), and in a model
+// every row the experts receive and every output they send back is a bf16 value
+static void test_wire_bf16(void) {
+    uint64_t rng = 99;
+    int bad = 0;
+    for (int i = 0; i < 1000000 && bad == 0; i++) {
+        uint32_t u = random_u32(&rng);
+        if (i < 4) { u = (uint32_t[]){0x3f808000u, 0x3f818000u, 0x7f7fffffu, 0x80008000u}[i]; } // ties, FLT_MAX
+        float x;
+        memcpy(&x, &u, 4);
+        if (isnan(x)) { continue; }
+        uint32_t lo_u = u & 0xffff0000u, hi_u = lo_u + 0x10000u;
+        float lo, hi;
+        memcpy(&lo, &lo_u, 4);
+        memcpy(&hi, &hi_u, 4);
+        double hid = isinf(hi) ? copysign(0x1p128, hi) : hi; // IEEE rounding: past the largest bf16, Inf counts as 2^128
+        double dlo = fabs((double)x - lo), dhi = fabs((double)x - hid);
+        float want = dlo < dhi ? lo : dhi < dlo ? hi : ((lo_u >> 16) & 1u) ? hi : lo;
+        if (memcmp(&want, &(float){bf16_round(x)}, 4) != 0) { bad = 1; printf("  %08x -> %a, want %a\n", u, bf16_round(x), want); }
+    }
+    check(bad == 0 && isnan(bf16_round(NAN)), "wire_bf16/round_nearest_even", "1M random floats against the nearest bf16 (ties to even)");
+    GPT2Config c = tiny_config(4, 2, 1, 2);
+    GPT2 model[2];
+    int B = 2, T = 8, N = B * T, x[16], y[16];
+    random_tokens(x, N, c.vocab_size, 1);
+    random_tokens(y, N, c.vocab_size, 2);
+    for (int q = 0; q < 2; q++) {
+        random_model(&model[q], &c, 42);
+        model[q].capacity_factor = 0.0f;
+        model[q].wire_bf16 = q;
+        gpt2_forward(&model[q], x, y, B, T);
+    }
+    // layer 0 routes the same tokens either way; its experts see the rounded rows, so their
+    // inputs are bf16_round of the fp32 ones bit for bit
+    size_t R = (size_t)N * c.top_k * c.channels, diff = 0, unrounded = 0;
+    for (size_t i = 0; i < R; i++) {
+        diff += bf16_round(model[0].acts.expin[i]) != model[1].acts.expin[i];
+        unrounded += bf16_round(model[1].acts.moe_y[i]) != model[1].acts.moe_y[i];
+    }
+    check(diff == 0 && unrounded == 0 && model[0].acts.expin[0] != model[1].acts.expin[0], "wire_bf16/rows_rounded", "%zu expert inputs differ from the rounded fp32 ones, %zu combined rows not bf16 (of %zu)", diff, unrounded, R);
+    check(fabs(model[0].total_loss - model[1].total_loss) > 0 && fabs(model[0].total_loss - model[1].total_loss) < 1e-2,
+          "wire_bf16/loss_close", "loss %.6f with -Q 1, %.6f without", model[1].total_loss, model[0].total_loss);
+    gpt2_free(&model[0]);
+    gpt2_free(&model[1]);
+}
+
 static void test_grad_accumulation(void) {
     GPT2Config c = tiny_config(4, 2, 1, 2);
     GPT2 big, small;
@@ -1096,7 +1144,8 @@ static void gather_expert_tensor(const GPT2* model, int k, float* out) {
 // W ranks on the same global batch as one process: losses of 10 AdamW steps, gradients of a
 // replicated (qkvw) and an expert (expfcw) tensor after the first step
 // With LSH, W real ranks hash the same groups as one process simulating W source ranks.
-static void test_ep_equivalence_lsh(const char* name, GPT2Config c, float capacity_factor, int force_rank_experts, LSHConfig lsh) {
+static void test_ep_equivalence_lsh(const char* name, GPT2Config c, float capacity_factor, int force_rank_experts, LSHConfig lsh,
+                                    int wire_bf16) {
     int W = world.world, Bg = 4, T = 8, Bl = Bg / W, Ng = Bg * T;
     char path[512], tname[160], err[1024];
     snprintf(path, sizeof(path), "%s/%s.bin", tmpdir, name);
@@ -1120,6 +1169,7 @@ static void test_ep_equivalence_lsh(const char* name, GPT2Config c, float capaci
         }
         gpt2_write_checkpoint(&ref, path);
         ref.capacity_factor = capacity_factor;
+        ref.wire_bf16 = wire_bf16;
         if (gpt2_set_lsh(&ref, lsh, W, 5, err, sizeof(err)) != 0) { fail_exit("%s", err); }
     }
     MPI_Barrier(world.mpi);
@@ -1128,6 +1178,7 @@ static void test_ep_equivalence_lsh(const char* name, GPT2Config c, float capaci
     snprintf(tname, sizeof(tname), "ep/W%d/%s/load_split", W, name);
     check_all(rc == 0, tname, "E_local %.0f", ep.E_local);
     ep.capacity_factor = capacity_factor;
+    ep.wire_bf16 = wire_bf16;
     if (gpt2_set_lsh(&ep, lsh, 1, 5, err, sizeof(err)) != 0) { fail_exit("%s", err); }
     double worst_loss = 0.0;
     int nsteps = 10;
@@ -1206,7 +1257,7 @@ static void test_ep_equivalence_lsh(const char* name, GPT2Config c, float capaci
 }
 
 static void test_ep_equivalence(const char* name, GPT2Config c, float capacity_factor, int force_rank_experts) {
-    test_ep_equivalence_lsh(name, c, capacity_factor, force_rank_experts, (LSHConfig){0, 0, 0, 0});
+    test_ep_equivalence_lsh(name, c, capacity_factor, force_rank_experts, (LSHConfig){0, 0, 0, 0}, 0);
 }
 
 // a checkpoint written by one world size loads in another: mode "write" trains 2 steps and
@@ -1289,8 +1340,10 @@ int main(int argc, char** argv) {
         test_ep_equivalence("capacity", tiny_config(4, 2, 2, 3), 0.5f, 0);
         test_ep_equivalence("forced_to_last_rank", tiny_config(8, 2, 1, 2), 0.0f, 1);
         test_ep_equivalence("forced_with_capacity", tiny_config(8, 2, 1, 2), 1.0f, 1);
-        test_ep_equivalence_lsh("lsh_compensated", tiny_config(4, 2, 1, 2), 0.0f, 0, (LSHConfig){1, 2, 1, 1});
-        test_ep_equivalence_lsh("lsh_plain_capacity", tiny_config(4, 2, 1, 2), 1.0f, 0, (LSHConfig){2, 2, 0, 0});
+        test_ep_equivalence_lsh("lsh_compensated", tiny_config(4, 2, 1, 2), 0.0f, 0, (LSHConfig){1, 2, 1, 1}, 0);
+        test_ep_equivalence_lsh("lsh_plain_capacity", tiny_config(4, 2, 1, 2), 1.0f, 0, (LSHConfig){2, 2, 0, 0}, 0);
+        test_ep_equivalence_lsh("wire_bf16", tiny_config(4, 2, 1, 2), 0.0f, 0, (LSHConfig){0, 0, 0, 0}, 1);
+        test_ep_equivalence_lsh("lsh_half_wire_bf16", tiny_config(4, 2, 1, 2), 0.0f, 0, (LSHConfig){1, 2, 1, 0.5f}, 1);
         MPI_Barrier(world.mpi);
         if (world.rank == 0) {
             char cmd[300];
@@ -1322,6 +1375,7 @@ int main(void) {
     test_dispatch_layout();
     test_grad_accumulation();
     test_lsh_singletons_exact();
+    test_wire_bf16();
     test_checkpoints();
     test_bad_checkpoints();
     test_bad_states();

@@ -70,7 +70,9 @@ typedef struct {
     int set_E, set_K, set_M, set_H, set_R;
     float capacity_factor, aux_w, z_w, upcycle_noise; // -F -A -Z -N
     // LSH compression of the all-to-all
-    int lsh_L, lsh_dp, lsh_compensate, lsh_center, sources; // -J -P -C -O -V
+    int lsh_L, lsh_dp, lsh_center, sources; // -J -P -O -V
+    float lsh_compensate;                   // -C, the residual's weight
+    int wire_bf16;                          // -Q: the all-to-all rows rounded to bf16 (CPU trainer)
 } TrainArgs;
 
 static inline void print_usage(void) {
@@ -99,8 +101,10 @@ static inline void print_usage(void) {
         "       -A <float> load-balancing loss weight (0.01)   -Z <float> z-loss weight (0.001)\n"
         "       -N <float> noise std on upcycled experts (0.0)\n"
         "  LSH:  -J <int> hash functions, 0 = off (0)  -P <int> projection width d' (4)\n"
-        "       -C <0|1> residual compensation (1)     -O <0|1> centre each group before hashing (1)\n"
-        "       -V <int> simulated source ranks per process: groups are (expert, source) (1)\n");
+        "       -C <float> residual weight in [0,1]: 1 the paper's compensation, 0 off (1)\n"
+        "       -O <0|1> centre each group before hashing (1)\n"
+        "       -V <int> simulated source ranks per process: groups are (expert, source) (1)\n"
+        "  -Q <0|1>     round every all-to-all row to bf16, as a bf16 wire would (CPU trainer; 0)\n");
 }
 
 static inline int parse_int(const char* flag, const char* s, int min, int max) {
@@ -161,7 +165,7 @@ static inline void parse_args(TrainArgs* a, int argc, char** argv, const Comm* c
     a->seed = 1337; a->shuffle = 1;
     a->E = 1; a->K = 2; a->moe_every = 1; a->H = 0; a->renorm = 1;
     a->capacity_factor = 1.25f; a->aux_w = 0.01f; a->z_w = 0.001f;
-    a->lsh_L = 0; a->lsh_dp = 4; a->lsh_compensate = 1; a->lsh_center = 1; a->sources = 1;
+    a->lsh_L = 0; a->lsh_dp = 4; a->lsh_compensate = 1.0f; a->lsh_center = 1; a->sources = 1; a->wire_bf16 = 0;
     const float below_one = 1.0f - FLT_EPSILON / 2; // the largest float < 1
     for (int i = 1; i < argc; i += 2) {
         const char* f = argv[i];
@@ -205,7 +209,8 @@ static inline void parse_args(TrainArgs* a, int argc, char** argv, const Comm* c
             case 'N': a->upcycle_noise = parse_float(f, v, 0.0f, FLT_MAX, ">= 0"); break;
             case 'J': a->lsh_L = parse_int(f, v, 0, INT_MAX); break;
             case 'P': a->lsh_dp = parse_int(f, v, 1, INT_MAX); break;
-            case 'C': a->lsh_compensate = parse_int(f, v, 0, 1); break;
+            case 'C': a->lsh_compensate = parse_float(f, v, 0.0f, 1.0f, "in [0, 1]"); break;
+            case 'Q': a->wire_bf16 = parse_int(f, v, 0, 1); break;
             case 'O': a->lsh_center = parse_int(f, v, 0, 1); break;
             case 'V': a->sources = parse_int(f, v, 1, INT_MAX); break;
             default: fail_exit("unknown flag %s (-h lists the flags)", f);
@@ -425,6 +430,7 @@ static inline void check_step_finite(int step, const StepStats* s, const Comm* c
 typedef struct {
     FILE* file;          // main.log on rank 0 with -o, else NULL
     int max_steps, total_batch, W, E, Lm, K, C, sources, lsh;
+    int wire_bytes;      // bytes per element of an all-to-all row: 4 (fp32) or 2 (bf16)
     float aux_w, z_w;
     long long slots;     // routed slots per step over the whole batch and every MoE layer
     double total_ms;     // of the timed steps
@@ -463,6 +469,7 @@ static inline RunLog run_log_open(const TrainArgs* a, const GPT2Config* c, const
     log.C = c->channels;
     log.sources = a->sources;
     log.lsh = a->lsh_L > 0;
+    log.wire_bytes = a->wire_bf16 ? 2 : 4; // the GPU trainer sets its activation type's size
     log.aux_w = a->aux_w;
     log.z_w = a->z_w;
     log.slots = (long long)a->total_batch * c->top_k * log.Lm;
@@ -498,11 +505,12 @@ static inline void log_val(RunLog* log, int step, double val_loss, const Comm* c
 // the step line on stdout and in main.log (rank 0)
 static inline void log_step(RunLog* log, int step, const StepStats* s) {
     const int E = log->E, W = log->W;
-    double wire_mb[2] = {s->wire[0] * log->C * 4 / 1e6, s->wire[1] * log->C * 4 / 1e6}; // fp32 rows, per all-to-all
+    double row_bytes = (double)log->C * log->wire_bytes;
+    double wire_mb[2] = {s->wire[0] * row_bytes / 1e6, s->wire[1] * row_bytes / 1e6}; // per all-to-all
     double sent_mb[4], recv_mb[4], sent_total = 0.0;
     for (int i = 0; i < 4; i++) { // this rank's bytes to and from other ranks
-        sent_mb[i] = s->a2a[i] * (double)log->C * sizeof(float) / 1e6;
-        recv_mb[i] = s->a2a[4 + i] * (double)log->C * sizeof(float) / 1e6;
+        sent_mb[i] = s->a2a[i] * row_bytes / 1e6;
+        recv_mb[i] = s->a2a[4 + i] * row_bytes / 1e6;
         sent_total += sent_mb[i];
     }
     double total = s->ce + log->aux_w * s->lb + log->z_w * s->z;
@@ -521,6 +529,9 @@ static inline void log_step(RunLog* log, int step, const StepStats* s) {
     if (log->file) {
         FILE* f = log->file;
         fprintf(f, "s:%d trl:%.6f ce:%.6f lb:%.6f z:%.6f drop:%.0f norm:%.4f lr:%.6e ms:%.2f", step, total, s->ce, s->lb, s->z, s->dropped, s->norm, s->lr, s->ms);
+        if (E > 0) { // each expert's share of the routed slots relative to a uniform split
+            for (int e = 0; e < E; e++) { fprintf(f, "%s%.3f", e == 0 ? " load:" : ",", (double)s->load[e] * E / log->slots); }
+        }
         if (E > 0 && W * log->sources > 1) { // crossing ranks (real or simulated), MB per all-to-all
             fprintf(f, " wire_mb:%.4f wire_mb_uncompressed:%.4f", wire_mb[1], wire_mb[0]);
         }
@@ -568,9 +579,11 @@ static inline void print_run_table(const TrainArgs* a, const GPT2Config* c, cons
     if (a->sources > 1) { printf0(", %d simulated source ranks each", a->sources); }
     printf0("\n");
     if (a->lsh_L > 0) {
-        printf0("| LSH                   | L=%d hash functions, d'=%d, compensation %s, centring %s\n",
-                a->lsh_L, a->lsh_dp, a->lsh_compensate ? "on" : "off", a->lsh_center ? "on" : "off");
+        printf0("| LSH                   | L=%d hash functions, d'=%d, compensation %g%s, centring %s\n",
+                a->lsh_L, a->lsh_dp, a->lsh_compensate, a->lsh_compensate == 1.0f ? " (on)" : a->lsh_compensate == 0.0f ? " (off)" : "",
+                a->lsh_center ? "on" : "off");
     }
+    if (a->wire_bf16 && c->num_experts > 1) { printf0("| all-to-all rows       | rounded to bf16 (-Q 1)\n"); }
     printf0("| batch                 | B=%d T=%d per process, %d tokens per step (grad accum %d)\n", a->B, a->T, a->total_batch,
             a->total_batch / (a->B * a->T * W));
     printf0("| train / val tokens    | %zu / %zu\n", train_tokens, val_tokens);

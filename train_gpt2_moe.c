@@ -175,6 +175,7 @@ typedef struct {
     // LSH compression of the all-to-alls (lshmoe.h); lsh.L == 0: off
     LSHConfig lsh;
     uint64_t lsh_seed; // projections are drawn per (MoE layer, step) from it
+    int wire_bf16;     // round every row an all-to-all carries to bf16 (-Q 1), as a bf16 wire would
     int step;          // the optimizer step, set by the caller
 } GPT2;
 
@@ -667,6 +668,24 @@ void moe_dispatch_backward(float* dx, // (N,C)
     }
 }
 
+// what a bf16 wire does to the rows it carries (-Q 1): each float rounded to the nearest bf16, ties
+// to even (NaN kept NaN). Applied in place before every all-to-all, local rows too, so the result
+// does not depend on how the experts are split. The backward passes gradients through unchanged.
+static inline float bf16_round(float x) {
+    if (sizeof(float) != 4) { return x; } // test_moe_f64 (float = double) never sets -Q
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { return x; } // NaN
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+void wire_round_rows(const GPT2* model, float* rows, int R, int C) { // (R,C)
+    if (!model->wire_bf16) { return; }
+    #pragma omp parallel for
+    for (long long i = 0; i < (long long)R * C; i++) { rows[i] = bf16_round(rows[i]); }
+}
+
 // received order -> expert order (out[perm[i]] = in[i]), and back (out[i] = in[perm[i]])
 void moe_rows_to_experts(float* out, const float* in, const int* perm, int R, int C) { // (R,C), (R,C), (R)
     for (int i = 0; i < R; i++) { memcpy(out + (size_t)perm[i] * C, in + (size_t)i * C, C * sizeof(float)); }
@@ -872,7 +891,7 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     moe_dispatch_forward(buf->sendbuf, x, rt.row_slot, rt.send_offsets[E], C, K);
     long long crossing = moe_groups_layout(rt.group_rows, rt.send_offsets, rt.row_slot, N, K, E, V, rank, W);
     st->wire_rows[0] += crossing;
-    const float* dispatched = buf->sendbuf;
+    float* dispatched = buf->sendbuf;
     if (model->lsh.L > 0) {
         crossing = lsh_groups_compress(model, &rt, m);
         allgather_ints(buf->my_wire, rt.wire, E, &model->comm);
@@ -884,6 +903,7 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     // 6. dispatch: each rank receives its experts' rows, regrouped by expert
     moe_send_rows(rt.send_rows, rt.wire, rank, W, E);
     int R = moe_receive_layout(rt.recv_perm, rt.expert_offsets, rt.recv_rows, rt.wire, W, E, model->e0, El);
+    wire_round_rows(model, dispatched, model->lsh.L > 0 ? rt.group_cents[E * V] : rt.send_offsets[E], C);
     alltoall_rows(dispatched, rt.send_rows, buf->recvbuf, rt.recv_rows, C, &model->comm);
     moe_rows_to_experts(a.expin, buf->recvbuf, rt.recv_perm, R, C);
     // 7. the experts held here
@@ -892,6 +912,7 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
                         p->expprojw + (size_t)m * El * C * H, p->expprojb + (size_t)m * El * C, El, C, H);
     // 8. combine: the outputs go back to their senders; with LSH one per centroid, plus the residual
     moe_rows_to_sources(buf->recvbuf, a.expout, rt.recv_perm, R, C);
+    wire_round_rows(model, buf->recvbuf, R, C);
     if (model->lsh.L > 0) {
         alltoall_rows(buf->recvbuf, rt.recv_rows, buf->lsh_ycent, rt.send_rows, C, &model->comm);
         lsh_groups_decompress(model, a.moe_y, &rt);
@@ -917,11 +938,12 @@ void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const 
     int R = rt.expert_offsets[El];
     // 9. combine backward: gradients at the gates and at the expert outputs
     moe_combine_backward(da.moe_y, da.gates, dout, a.moe_y, a.gates, rt.slot_row, N, C, K);
-    const float* dsent = da.moe_y;
+    float* dsent = da.moe_y;
     if (model->lsh.L > 0) { // one gradient row per centroid, so this all-to-all shrinks too
         lsh_groups_decompress_backward(model, da.moe_y, &rt);
         dsent = buf->lsh_cent;
     }
+    wire_round_rows(model, dsent, model->lsh.L > 0 ? rt.group_cents[E * model->sources] : rt.send_offsets[E], C);
     // 8. the output gradients go to the experts' owners
     alltoall_rows(dsent, rt.send_rows, buf->recvbuf, rt.recv_rows, C, &model->comm);
     moe_rows_to_experts(da.expout, buf->recvbuf, rt.recv_perm, R, C);
@@ -933,6 +955,7 @@ void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const 
                          rt.expert_offsets, p->expfcw + (size_t)m * El * H * C, p->expprojw + (size_t)m * El * C * H, El, C, H);
     // 6. dispatch backward: the input gradients go back to their senders
     moe_rows_to_sources(buf->recvbuf, da.expin, rt.recv_perm, R, C);
+    wire_round_rows(model, buf->recvbuf, R, C);
     if (model->lsh.L > 0) {
         alltoall_rows(buf->recvbuf, rt.recv_rows, buf->lsh_ycent, rt.send_rows, C, &model->comm);
         lsh_groups_compress_backward(model, da.moe_y, &rt);
@@ -1334,6 +1357,7 @@ int main(int argc, char** argv) {
     model.capacity_factor = args.capacity_factor;
     model.aux_loss_weight = args.aux_w;
     model.z_loss_weight = args.z_w;
+    model.wire_bf16 = args.wire_bf16;
     LSHConfig lsh = {args.lsh_L, args.lsh_dp, args.lsh_center, args.lsh_compensate};
     char err[1024];
     if (gpt2_set_lsh(&model, lsh, args.sources, args.seed, err, sizeof(err)) != 0) { fail_exit("flags -J/-P/-V: %s", err); }

@@ -1381,6 +1381,9 @@ int main(int argc, char** argv) {
     model.capacity_factor = args.capacity_factor;
     model.aux_loss_weight = args.aux_w;
     model.z_loss_weight = args.z_w;
+    // the wire carries floatX rows: bf16 already in the bf16 build, and the fp32 test build has no
+    // bf16 rows to send (-Q is the CPU trainer's way to try a bf16 wire)
+    if (args.wire_bf16 && sizeof(floatX) != 2) { fail_exit("flag -Q 1: this fp32 build sends fp32 rows; the bf16 build's wire is bf16 already"); }
     LSHConfig lsh = {args.lsh_L, args.lsh_dp, args.lsh_center, args.lsh_compensate};
     char err[1024];
     if (gpt2_set_lsh(&model, lsh, args.sources, args.seed, err, sizeof(err)) != 0) { fail_exit("flags -J/-P/-V: %s", err); }
@@ -1394,6 +1397,7 @@ int main(int argc, char** argv) {
     Tokenizer tokenizer;
     int have_tokenizer = run_open_tokenizer(&tokenizer, &args, &comm);
     RunLog log = run_log_open(&args, cfg, &start, &comm);
+    log.wire_bytes = (int)sizeof(floatX);
     char device[320];
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));

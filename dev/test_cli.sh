@@ -28,7 +28,7 @@ shard(d + "/trunc.bin", list(range(2000)), cut=10)
 shard(d + "/vocab.bin", [60000] * 2000)
 PY
 
-expect_error unknown_flag "unknown flag -Q" $SMALL -Q 1
+expect_error unknown_flag "unknown flag -X" $SMALL -X 1
 expect_error not_a_number "expected an integer" $SMALL -b abc
 expect_error missing_value "needs a value" $SMALL -x
 expect_error k_greater_than_E "exceeds the number of experts" -e d4 -E 4 -K 5
@@ -44,6 +44,8 @@ expect_error lsh_without_experts "needs E > 1 experts" -e d4 -b 2 -t 32 -v 0 -s 
 expect_error lsh_key_overflow "64-bit key" $SMALL -J 32 -P 16
 expect_error lsh_dp_zero "flag -P: expected an integer >= 1" $SMALL -J 2 -P 0
 expect_error lsh_sources_not_dividing_B "must divide the batch" $SMALL -J 2 -V 3
+expect_error compensation_above_one "flag -C: expected a number in \[0, 1\], got '1.5'" $SMALL -J 2 -C 1.5
+expect_error wire_flag_not_binary "flag -Q: expected an integer" $SMALL -Q 2
 # every float flag is range-checked; sizes are computed in 64 bits
 expect_error final_lr_negative "flag -q: expected a number in \[0, 1\], got '-0.5'" $SMALL -q -0.5
 expect_error lr_zero "flag -l: expected a number > 0" $SMALL -l 0

@@ -89,7 +89,7 @@ static void tl_expert_backward(float* dc, // (m, C)
 static double tl_loss_double(const double* x, // (n, C)
                              const float* w, // (n, C)
                              const float* W, const float* bias, const int* bucket_of_row, // (n)
-                             const int* bucket_size, int n, int m, int C, int compensate) {
+                             const int* bucket_size, int n, int m, int C, double compensate) {
     double* cent = (double*)calloc((size_t)m * C, sizeof(double));
     double* y = (double*)malloc((size_t)m * C * sizeof(double));
     for (int i = 0; i < n; i++) {
@@ -107,7 +107,7 @@ static double tl_loss_double(const double* x, // (n, C)
     for (int i = 0; i < n; i++) {
         int b = bucket_of_row[i];
         for (int c = 0; c < C; c++) {
-            double yh = y[b * C + c] + (compensate ? x[i * C + c] - cent[b * C + c] : 0.0);
+            double yh = y[b * C + c] + compensate * (x[i * C + c] - cent[b * C + c]);
             loss += (double)w[i * C + c] * yh;
         }
     }
@@ -514,7 +514,9 @@ static void test_lshmoe(void) {
         enum { n = 10, C = 6, m = 5 };
         int bucket_of_row[n] = {0, 1, 0, 2, 1, 0, 3, 2, 0, 4}, bucket_size[m] = {4, 2, 2, 1, 1};
         float x[n * C], w[n * C], W[C * C], bias[C], cent[m * C], ycent[m * C], G[m * C], dcent[m * C];
-        float dx[2][n * C];
+        float dx[3][n * C];
+        const float weights[3] = {0.0f, 1.0f, 0.5f}; // off, the paper's, the scaled residual (-C 0.5)
+        const char* names[3] = {"lsh_backward_fd_plain", "lsh_backward_fd_compensated", "lsh_backward_fd_half"};
         double xd[n * C];
         tl_seed(31);
         tl_fill_normal(x, n * C);
@@ -522,13 +524,14 @@ static void test_lshmoe(void) {
         tl_fill_normal(W, C * C);
         for (int i = 0; i < C * C; i++) { W[i] *= 0.5f; }
         tl_fill_normal(bias, C);
-        for (int compensate = 0; compensate <= 1; compensate++) {
+        for (int k = 0; k < 3; k++) {
+            float compensate = weights[k];
             lsh_centroids_forward(cent, x, bucket_of_row, bucket_size, n, m, C);
             tl_expert_forward(ycent, cent, W, bias, m, C);
             lsh_compensate_backward(G, w, bucket_of_row, n, m, C); // g = dloss/dyhat = w
             tl_expert_backward(dcent, ycent, G, W, m, C);
-            for (int i = 0; i < n * C; i++) { dx[compensate][i] = 0.0f; }
-            lsh_centroids_backward(dx[compensate], w, dcent, G, bucket_of_row, bucket_size, n, C, compensate);
+            for (int i = 0; i < n * C; i++) { dx[k][i] = 0.0f; }
+            lsh_centroids_backward(dx[k], w, dcent, G, bucket_of_row, bucket_size, n, C, compensate);
             double maxerr = 0.0, maxg = 0.0, h = 1e-5;
             for (int i = 0; i < n * C; i++) { xd[i] = x[i]; }
             for (int i = 0; i < n * C; i++) {
@@ -539,12 +542,12 @@ static void test_lshmoe(void) {
                 double lm = tl_loss_double(xd, w, W, bias, bucket_of_row, bucket_size, n, m, C, compensate);
                 xd[i] = keep;
                 double fd = (lp - lm) / (2.0 * h);
-                if (fabs(fd - dx[compensate][i]) > maxerr) { maxerr = fabs(fd - dx[compensate][i]); }
+                if (fabs(fd - dx[k][i]) > maxerr) { maxerr = fabs(fd - dx[k][i]); }
                 if (fabs(fd) > maxg) { maxg = fabs(fd); }
             }
             double tol = 2e-5 * (maxg > 1.0 ? maxg : 1.0);
-            check(maxerr <= tol, compensate ? "lsh_backward_fd_compensated" : "lsh_backward_fd_plain",
-                  "buckets of 4,2,2,1,1 rows: max |analytic - FD| %.2e <= %.2e (max |dx| %.3f)", maxerr, tol, maxg);
+            check(maxerr <= tol, names[k], "buckets of 4,2,2,1,1 rows, residual weight %g: max |analytic - FD| %.2e <= %.2e (max |dx| %.3f)",
+                  compensate, maxerr, tol, maxg);
         }
         double onoff = tl_max_abs_diff(dx[0], dx[1], n * C);
         check(onoff > 1e-2, "lsh_backward_fd_sensitive", "compensated vs plain gradients differ by %.3f, far above the FD bound",

@@ -13,7 +13,7 @@ struct CompensateCall {
     const LSHBatch* b;
     LSHLayout lay;
     T *yhat, *ycent, *x, *cent; // (n, C), (m, C), (n, C), (m, C)
-    int compensate;
+    float compensate; // the residual's weight: 1, 0.5 (the scaled residual) or 0
 };
 
 template <typename T>
@@ -43,7 +43,10 @@ static void run(const LSHBatch* b) {
     k.cent = lsh_to_device<T>(cent, mC);
     cudaCheck(cudaMalloc((void**)&k.yhat, (nC + 1) * sizeof(T)));
     float* ref = (float*)mallocCheck((nC + 1) * sizeof(float));
-    for (int compensate = 1; compensate >= 0; compensate--) {
+    const float weights[3] = {1.0f, 0.5f, 0.0f};
+    const char* wname[3] = {"compensated", "half_compensated", "uncompensated"};
+    for (int w = 0; w < 3; w++) {
+        float compensate = weights[w];
         for (int g = 0; g < b->G; g++) {
             int r0 = b->group_rows[g], c0 = b->group_cents[g];
             lsh_compensate_forward(ref + (size_t)r0 * C, ycent + (size_t)c0 * C, b->x + (size_t)r0 * C, cent + (size_t)c0 * C,
@@ -54,11 +57,11 @@ static void run(const LSHBatch* b) {
         compensate_call<T>(&k);
         float* got = lsh_to_host<T>(k.yhat, nC);
         size_t d = lsh_bits_differ(got, ref, nC);
-        snprintf(name, sizeof(name), "lsh_compensate/%s/%s", tn, compensate ? "compensated" : "uncompensated");
+        snprintf(name, sizeof(name), "lsh_compensate/%s/%s", tn, wname[w]);
         check(d == 0, name, "%zu of %zu values differ in their bits from lshmoe.h's lsh_compensate_forward", d, nC);
         free(got);
     }
-    k.compensate = 1;
+    k.compensate = 1.0f;
     snprintf(name, sizeof(name), "lsh_compensate_kernel/%s", tn);
     lsh_bench(name, (double)(2 * nC + 2 * mC) * sizeof(T) + n * 4.0, (double)4 * nC * sizeof(T) + nC * 4.0, compensate_call<T>, &k, b);
     free(ycent); free(cent); free(ref);

@@ -14,7 +14,7 @@ struct BackwardCall {
     const LSHBatch* b;
     LSHLayout lay;
     T *dx, *g, *dcent, *Gsum; // (n, C) accumulated, (n, C), (m, C), (m, C)
-    int compensate;
+    float compensate; // the residual's weight: 1, 0.5 (the scaled residual) or 0
 };
 
 template <typename T>
@@ -40,7 +40,10 @@ static void run(const LSHBatch* b) {
     k.dcent = lsh_to_device<T>(dcent, mC);
     k.Gsum = lsh_to_device<T>(Gsum, mC);
     float* ref = (float*)mallocCheck((nC + 1) * sizeof(float));
-    for (int compensate = 1; compensate >= 0; compensate--) {
+    const float weights[3] = {1.0f, 0.5f, 0.0f};
+    const char* wname[3] = {"compensated", "half_compensated", "uncompensated"};
+    for (int w = 0; w < 3; w++) {
+        float compensate = weights[w];
         memcpy(ref, dx0, nC * sizeof(float));
         for (int gi = 0; gi < b->G; gi++) {
             int r0 = b->group_rows[gi], c0 = b->group_cents[gi];
@@ -53,13 +56,13 @@ static void run(const LSHBatch* b) {
         backward_call<T>(&k);
         float* got = lsh_to_host<T>(k.dx, nC);
         size_t d = lsh_bits_differ(got, ref, nC);
-        snprintf(name, sizeof(name), "lsh_compress_backward/%s/%s", tn, compensate ? "compensated" : "uncompensated");
+        snprintf(name, sizeof(name), "lsh_compress_backward/%s/%s", tn, wname[w]);
         check(d == 0, name, "%zu of %zu values differ in their bits from lshmoe.h's lsh_centroids_backward", d, nC);
         free(got);
-        if (compensate == 0) { break; }
+        if (w == 2) { break; }
         cudaCheck(cudaFree(k.dx));
     }
-    k.compensate = 1;
+    k.compensate = 1.0f;
     snprintf(name, sizeof(name), "lsh_compress_backward_kernel/%s", tn);
     lsh_bench(name, (double)(3 * nC + 2 * mC) * sizeof(T) + n * 4.0 + m * 4.0, (double)5 * nC * sizeof(T) + nC * 8.0, backward_call<T>, &k, b);
     free(g); free(dcent); free(Gsum); free(dx0); free(ref);
