@@ -87,10 +87,10 @@ run bash dev/test_cli.sh
 if [ -x ./train_gpt2_moe_emu ] && [ -x ./train_gpt2_moe_emu_fp32 ]; then
     run bash dev/test_gpu_cli.sh
 fi
-# the run scripts, 2 steps each on the emulated trainer
-if [ -x ./train_gpt2_moe_emu ]; then
-    run bash dev/test_scripts.sh
-fi
+# the run scripts, 2 steps each (the GPU ones on the emulated trainer), and the plot scripts
+run bash dev/test_scripts.sh
+# the FineWeb shard script, offline on a local sample
+run bash dev/data/test_fineweb.sh
 # 5. expert parallelism over MPI (skips itself without mpirun): the CPU trainer, then the GPU
 # trainer emulated under mpirun against it
 if [ -x ./test_moe_mpi ] && [ -x ./train_gpt2_moe_mpi ]; then

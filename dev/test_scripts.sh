@@ -1,14 +1,57 @@
 #!/usr/bin/env bash
 # The run scripts of scripts/ in their smoke mode (SMOKE=1: 2 steps, tiny shapes, the emulated GPU
 # trainer on the CPU, under mpirun for the multi-GPU ones): each trains 2 steps and writes a
-# checkpoint, and run again it resumes from it. Prints ok/FAIL lines.
+# checkpoint, and run again it resumes from it. scripts/run_gutenberg.sh (the CPU trainer, 12 runs)
+# runs 1 step, then 2 (resuming every run), then again (every run finished), and its logs feed the
+# plot scripts dev/plot_gutenberg.py and dev/plot_log.py. Prints ok/FAIL/skip lines.
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+PYTHON=${PYTHON:-/usr/bin/python3}
+gutenberg() {
+    local out="$tmp/gutenberg" n
+    SMOKE=1 STEPS=1 OUT="$out" timeout 900 bash scripts/run_gutenberg.sh >"$tmp/g1" 2>&1
+    SMOKE=1 OUT="$out" timeout 900 bash scripts/run_gutenberg.sh >"$tmp/g2" 2>&1
+    SMOKE=1 OUT="$out" timeout 900 bash scripts/run_gutenberg.sh >"$tmp/g3" 2>&1
+    n=$(grep -c '^run ' "$tmp/g1")
+    if [ "$n" -ge 12 ] && [ "$(grep -c '^step    1/1' "$tmp/g1")" = "$n" ] && [ "$(grep -c 'resumed from step 1' "$tmp/g2")" = "$n" ] &&
+       [ "$(grep -c '^step    2/2' "$tmp/g2")" = "$n" ] && [ "$(grep -c 'finished already' "$tmp/g3")" = "$n" ] &&
+       [ "$(ls "$out"/*/model_00000002.bin | wc -l)" = "$n" ] && [ "$(ls "$out"/*/model_00000001.bin 2>/dev/null | wc -l)" = 0 ]; then
+        echo "ok   scripts/run_gutenberg smoke: $n runs trained 1 step, resumed to 2, then found finished; only the last checkpoints kept"
+    else
+        echo "FAIL scripts/run_gutenberg smoke: $(tail -3 "$tmp/g1" "$tmp/g2" "$tmp/g3" | tr '\n' ' ' | head -c 400)"
+        return
+    fi
+    if ! "$PYTHON" -c "import matplotlib" 2>/dev/null; then echo "skip plots (no matplotlib for $PYTHON)"; return; fi
+    "$PYTHON" dev/plot_gutenberg.py "$out" -o "$tmp/plots" --tokens 128 >"$tmp/p1" 2>&1
+    # the table's value for lsh20 is main.log's val loss at step 2
+    want=$(grep '^s:2 tel:' "$out/lsh20/main.log" | cut -d: -f3)
+    got=$(grep '^lsh20,' "$tmp/plots/results.csv" | cut -d, -f4)
+    if [ "$(ls "$tmp/plots"/*.png | wc -l)" = 3 ] && [ "$(wc -l <"$tmp/plots/results.csv")" = $((n + 1)) ] &&
+       "$PYTHON" -c "import sys; sys.exit(abs(float('$want') - float('$got')) > 1e-5)" 2>/dev/null; then
+        echo "ok   plots/plot_gutenberg 3 PNGs, results.csv with $n runs (lsh20's val loss $got, main.log says $want), curves.csv"
+    else
+        echo "FAIL plots/plot_gutenberg $(tail -3 "$tmp/p1" | tr '\n' ' ')"
+    fi
+    if "$PYTHON" dev/plot_log.py "$out/dense" "$out/lsh20" -o "$tmp/one.png" >/dev/null 2>&1 && [ -s "$tmp/one.png" ]; then
+        echo "ok   plots/plot_log loss, lr, norm, expert load and LSH panels of two logs in one PNG"
+    else
+        echo "FAIL plots/plot_log did not write a PNG"
+    fi
+    printf 's:0 trl:1.0 ce:1.0\ns:1 trl:oops\n' >"$tmp/bad.log"
+    out1=$("$PYTHON" dev/plot_log.py "$tmp/bad.log" -o "$tmp/bad.png" 2>&1); rc=$?
+    if [ $rc -ne 0 ] && [ "$(echo "$out1" | wc -l)" = 1 ] && [[ "$out1" == error:*bad.log:2:* ]]; then
+        echo "ok   plots/bad_log \"$out1\""
+    else
+        echo "FAIL plots/bad_log exit $rc: $out1"
+    fi
+}
 for script in scripts/*.sh; do
     name=$(basename "$script" .sh)
+    if [ "$name" = run_gutenberg ]; then gutenberg; continue; fi
+    [ -x ./train_gpt2_moe_emu ] || { echo "skip scripts/$name (no emulated GPU trainer: needs the CUDA headers)"; continue; }
     case $name in *124M*) command -v mpirun >/dev/null || { echo "skip scripts/$name (no mpirun)"; continue; } ;; esac
     out="$tmp/$name"
     if SMOKE=1 OUT="$out" timeout 600 bash "$script" >"$tmp/$name.1" 2>&1 && grep -q "^step    2/2" "$tmp/$name.1" && [ -f "$out/model_00000002.bin" ] &&

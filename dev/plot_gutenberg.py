@@ -1,0 +1,186 @@
+"""
+Issue 14's results: reads the runs of scripts/run_gutenberg.sh (one folder per run, each with a
+main.log) and writes, into the output folder (default dev/gutenberg):
+
+  curves.csv          run, step, tokens, val_loss: every validation point
+  results.csv         one row per run: the table below, unrounded
+  val_loss.png        val loss against tokens seen, every run
+  val_vs_bytes.png    val loss at the last common step against all-to-all MB per step
+  step_time.png       the bandwidth model's step time against link speed (see below)
+
+and prints the table as markdown (for README.md). Usage:
+
+    /usr/bin/python3 dev/plot_gutenberg.py [runs_dir (log_gutenberg)] [-o dev/gutenberg] [--tokens 4096]
+
+Columns: val loss at the last step every run has reached (equal tokens: every run sees the same
+batches), its difference from the uncompressed MoE run (moe_e8k1), the LSH compression rate
+(centroids / rows, mean over steps), all-to-all MB per step (rows that cross ranks, the four
+all-to-alls of every MoE layer, summed over the simulated ranks, mean over steps), the time in
+lshmoe.h's calls per step (mean) and the median step time.
+
+Bandwidth model (DESIGN.md, "Where it pays"): t(bw) = t_step + bytes_per_step / bw, with t_step the
+measured step time on this machine (it includes the LSH work and the experts' smaller inputs, and
+the all-to-all as a local copy) and bw the link speed per rank. A compressed run beats the
+uncompressed one below bw* = (bytes_uncompressed - bytes_compressed) / (t_compressed - t_uncompressed)
+(and at every speed when it is not slower to compute).
+"""
+import argparse
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot_log import read_log  # noqa: E402
+
+BASELINE = "moe_e8k1"
+DESCRIPTION = {  # what each run of scripts/run_gutenberg.sh is
+    "dense": "dense d4",
+    "moe_e8k1": "MoE E=8 K=1",
+    "moe_e16k2": "MoE E=16 K=2 H=2C",
+    "moe_e8k1_bf16": "MoE E=8 K=1, bf16 wire",
+    "lsh10": "LSH ~10%",
+    "lsh20": "LSH ~20%",
+    "lsh30": "LSH ~30%",
+    "lsh10_nocomp": "LSH ~10%, no compensation",
+    "lsh20_nocomp": "LSH ~20%, no compensation",
+    "lsh30_nocomp": "LSH ~30%, no compensation",
+    "lsh20_half": "LSH ~20%, residual x 0.5 (ours)",
+    "lsh20_bf16": "LSH ~20%, bf16 wire (ours)",
+}
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def summarise(name, train, val, tokens_per_step):
+    vals = [v for _, v in train.get("wire_mb", [])]
+    return {
+        "run": name,
+        "what": DESCRIPTION.get(name, name),
+        "steps": max((s for s, _ in train.get("ce", [])), default=-1) + 1,
+        "val": dict(val),
+        "rate": mean([v for _, v in train.get("lsh_rate", [])]) if "lsh_rate" in train else float("nan"),
+        "lsh_err": mean([v for _, v in train.get("lsh_err", [])]) if "lsh_err" in train else float("nan"),
+        "mb_per_step": 4 * mean(vals) if vals else 0.0,  # four all-to-alls of the same size
+        "lsh_ms": mean([v for _, v in train.get("lsh_ms", [])]) if "lsh_ms" in train else 0.0,
+        "ms": median([v for s, v in train.get("ms", []) if s > 0]),  # step 0 pays the allocations
+        "tokens_per_step": tokens_per_step,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="?", default="log_gutenberg", help="folder of run folders (default log_gutenberg)")
+    ap.add_argument("-o", "--out", default="dev/gutenberg", help="output folder (default dev/gutenberg)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (default 4096, the script's 32 x 128)")
+    args = ap.parse_args()
+    if not os.path.isdir(args.runs):
+        sys.exit(f"error: {args.runs} is not a folder of runs (run scripts/run_gutenberg.sh first)")
+    names = sorted(d for d in os.listdir(args.runs) if os.path.isfile(os.path.join(args.runs, d, "main.log")))
+    order = list(DESCRIPTION)
+    names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
+    runs = []
+    for n in names:
+        try:
+            train, val = read_log(os.path.join(args.runs, n))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        if val:
+            runs.append(summarise(n, train, val, args.tokens))
+    if not runs:
+        sys.exit(f"error: no run in {args.runs} has a validation loss yet")
+    common = min(max(r["val"]) for r in runs)  # the last val step every run has reached
+    base = next((r for r in runs if r["run"] == BASELINE), None)
+    for r in runs:
+        r["val_common"] = r["val"].get(common, float("nan"))
+    for r in runs:
+        r["delta"] = r["val_common"] - base["val_common"] if base else float("nan")
+    os.makedirs(args.out, exist_ok=True)
+
+    with open(os.path.join(args.out, "curves.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "step", "tokens", "val_loss"])
+        for r in runs:
+            for s in sorted(r["val"]):
+                w.writerow([r["run"], s, s * r["tokens_per_step"], f"{r['val'][s]:.6f}"])
+    cols = ["run", "what", "steps", "val_common", "delta", "rate", "lsh_err", "mb_per_step", "lsh_ms", "ms"]
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols[:3] + [f"val_loss_at_step_{common}"] + cols[4:])
+        for r in runs:
+            w.writerow([r[c] if isinstance(r[c], (str, int)) else f"{r[c]:.6g}" for c in cols])
+
+    def fmt(x, spec):
+        return "-" if x != x else format(x, spec)  # NaN: not applicable
+
+    print(f"val loss at step {common} ({common * args.tokens:,} tokens); delta against {BASELINE}\n")
+    print("| run | what | val loss | delta | rate | rel. error | MB/step | LSH ms/step | ms/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(f"| {r['run']} | {r['what']} | {fmt(r['val_common'], '.4f')} | {fmt(r['delta'], '+.4f')} | "
+              f"{fmt(r['rate'], '.3f')} | {fmt(r['lsh_err'], '.3f')} | {fmt(r['mb_per_step'], '.1f')} | "
+              f"{fmt(r['lsh_ms'], '.0f') if r['lsh_ms'] else '-'} | {fmt(r['ms'], '.0f')} |")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def style(name):
+        return "--" if "nocomp" in name else ":" if name.startswith("dense") else "-"
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r in runs:
+        steps = sorted(r["val"])
+        for ax in axes:
+            ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], [r["val"][s] for s in steps], style(r["run"]),
+                    marker="o", ms=2.5, lw=1, label=r["run"])
+    axes[0].set_title("val loss (Gutenberg, d4)")
+    half = [v for r in runs for s, v in r["val"].items() if s >= common / 2]
+    if half:
+        axes[1].set_ylim(min(half) - 0.02, max(half) + 0.02)
+        axes[1].set_xlim(common / 2 * args.tokens / 1e6, None)
+    axes[1].set_title("second half, zoomed")
+    for ax in axes:
+        ax.set_xlabel("tokens (M)"); ax.set_ylabel("val loss")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout(); fig.savefig(os.path.join(args.out, "val_loss.png"), dpi=110); plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in runs:
+        if r["run"] == "dense":
+            ax.axhline(r["val_common"], color="k", lw=0.7, ls=":", label="dense (no all-to-all)")
+            continue
+        ax.plot(r["mb_per_step"], r["val_common"], "o")
+        ax.annotate(r["run"], (r["mb_per_step"], r["val_common"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("all-to-all MB per step (crossing rows, 4 all-to-alls)"); ax.set_ylabel(f"val loss at step {common}")
+    ax.set_title("quality against bytes"); ax.legend(fontsize=7)
+    fig.tight_layout(); fig.savefig(os.path.join(args.out, "val_vs_bytes.png"), dpi=110); plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    bws = [10 ** (e / 20) for e in range(-60, 41)]  # 1 MB/s .. 100 GB/s, in MB/s
+    for r in runs:
+        if r["run"] == "dense" or r["ms"] != r["ms"]:
+            continue
+        ax.plot([b / 1e3 for b in bws], [r["ms"] + 1e3 * r["mb_per_step"] / b for b in bws], style(r["run"]), lw=1, label=r["run"])
+    ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel("link speed per rank (GB/s)"); ax.set_ylabel("projected ms per step")
+    ax.set_title("t = t_step (measured here) + bytes / link speed"); ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout(); fig.savefig(os.path.join(args.out, "step_time.png"), dpi=110); plt.close(fig)
+    if base:
+        print()
+        for r in runs:
+            if r["run"] not in ("dense", BASELINE) and r["mb_per_step"] < base["mb_per_step"]:
+                saved, dt = base["mb_per_step"] - r["mb_per_step"], r["ms"] - base["ms"]
+                where = "at every link speed (not slower to compute)" if dt <= 0 else f"below {saved / dt:.3g} GB/s"
+                print(f"{r['run']}: saves {saved:.1f} MB per step; faster than {BASELINE} {where}")
+    print(f"\nwrote curves.csv, results.csv, val_loss.png, val_vs_bytes.png, step_time.png to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 14's study on the CPU trainer: dense vs MoE vs MoE + LSH-compressed all-to-all on the
+# Gutenberg corpus (dev/data/gutenberg.sh), d4 (4 layers, C = 256), 1000 steps of 32 x 128 = 4096
+# tokens, one seed and one data order for every run. Every MoE run simulates V = 2 source ranks,
+# so an LSH group (the rows one rank sends one expert) holds 4096 / (8 experts x 2 sources) = 256
+# rows on average for E = 8, K = 1 (and for E = 16, K = 2). Each run writes $OUT/<name>/main.log
+# and a checkpoint every 250 steps; run the script again and it resumes unfinished runs and skips
+# finished ones (only a finished run's last checkpoint is kept). ~50-60 min per run on 2 cores.
+#   bash scripts/run_gutenberg.sh                       every run, in the order below
+#   RUNS="dense moe_e8k1" bash scripts/run_gutenberg.sh  some of them
+#   SMOKE=1 bash scripts/run_gutenberg.sh               2 steps of each (STEPS=n: n), tiny shapes (CI)
+# Plots and the table: python3 dev/plot_gutenberg.py $OUT
+set -eu
+cd "$(dirname "$0")/.."
+
+# name and flags of each run, most informative first. The LSH rates (centroids / rows) are set by
+# d' with one hash function: 2d' buckets at most per group, so d' = 13, 26, 39 gave 10.1%, 20.0%
+# and 28.4% of 256-row groups at the first step.
+ALL_RUNS=(
+    "dense           -E 1"
+    "moe_e8k1        -E 8 -K 1 -V 2"
+    "lsh20           -E 8 -K 1 -V 2 -J 1 -P 26"
+    "lsh20_nocomp    -E 8 -K 1 -V 2 -J 1 -P 26 -C 0"
+    "lsh20_half      -E 8 -K 1 -V 2 -J 1 -P 26 -C 0.5"
+    "lsh20_bf16      -E 8 -K 1 -V 2 -J 1 -P 26 -Q 1"
+    "lsh10           -E 8 -K 1 -V 2 -J 1 -P 13"
+    "lsh30           -E 8 -K 1 -V 2 -J 1 -P 39"
+    "lsh10_nocomp    -E 8 -K 1 -V 2 -J 1 -P 13 -C 0"
+    "lsh30_nocomp    -E 8 -K 1 -V 2 -J 1 -P 39 -C 0"
+    "moe_e8k1_bf16   -E 8 -K 1 -V 2 -Q 1"
+    "moe_e16k2       -E 16 -K 2 -H 512 -V 2"
+)
+
+if [ "${SMOKE:-0}" = 1 ]; then
+    OUT=${OUT:-log_smoke_gutenberg}
+    STEPS=${STEPS:-2}
+    COMMON="-e d4 -b 4 -t 32 -x $STEPS -v 2 -m 1 -s 0 -n 1"
+else
+    OUT=${OUT:-log_gutenberg}
+    COMMON="-e d4 -b 32 -t 128 -x 1000 -l 1e-3 -u 100 -q 0.1 -c 0.1 -v 100 -m 20 -s 0 -n 250 -S 1337"
+    STEPS=1000
+fi
+bash dev/data/gutenberg.sh >/dev/null
+make -s train_gpt2_moe_cpu
+mkdir -p "$OUT"
+
+for run in "${ALL_RUNS[@]}"; do
+    set -- $run
+    name=$1; shift
+    if [ -n "${RUNS:-}" ] && ! [[ " $RUNS " == *" $name "* ]]; then continue; fi
+    dir="$OUT/$name"
+    if [ -f "$dir/model_$(printf %08d $STEPS).bin" ]; then echo "run $name: finished already"; continue; fi
+    RESUME=0
+    ls "$dir"/model_*.bin >/dev/null 2>&1 && RESUME=1 # continue where an earlier run stopped
+    echo "run $name: $*"
+    ./train_gpt2_moe_cpu $COMMON "$@" -o "$dir" -y $RESUME \
+        -i "data/gutenberg/gutenberg_train_*.bin" -j data/gutenberg/gutenberg_val.bin
+    # a finished run keeps its last checkpoint only (each is ~0.4 GB with AdamW's state)
+    last=$(printf %08d $STEPS)
+    for f in "$dir"/model_*.bin "$dir"/state_*.bin; do
+        case $(basename "$f") in model_$last.bin|state_${last}_*.bin) ;; *) rm -f "$f" ;; esac
+    done
+done
