@@ -44,7 +44,7 @@ DESCRIPTION = {  # what each run of scripts/run_gutenberg.sh is
     "lsh10_nocomp": "LSH ~10%, no compensation",
     "lsh20_nocomp": "LSH ~20%, no compensation",
     "lsh30_nocomp": "LSH ~30%, no compensation",
-    "lsh20_half": "LSH ~20%, residual x 0.5 (ours)",
+    "lsh10_half": "LSH ~10%, residual x 0.5 (ours)",
     "lsh20_bf16": "LSH ~20%, bf16 wire (ours)",
 }
 
