@@ -847,6 +847,13 @@ MoERouting moe_layer_routing(const GPT2* model, int m, int N) {
                              model->sources, model->lsh.L > 0);
 }
 
+// the rows this rank sends its experts' owners (and gets gradients back for): with LSH one per
+// centroid, else one per kept slot
+int moe_sent_rows(const GPT2* model, const MoERouting* rt) {
+    int E = model->config.num_experts;
+    return model->lsh.L > 0 ? rt->group_cents[E * model->sources] : rt->send_offsets[E];
+}
+
 // the MoE tensors of layer m among a's (activations or their gradients); the others as they are
 ActivationTensors moe_layer_acts(ActivationTensors a, const GPT2* model, int m, int N) {
     const GPT2Config* c = &model->config;
@@ -903,7 +910,7 @@ void moe_layer_forward(GPT2* model, int m, float* out, const float* x, int N, fl
     // 6. dispatch: each rank receives its experts' rows, regrouped by expert
     moe_send_rows(rt.send_rows, rt.wire, rank, W, E);
     int R = moe_receive_layout(rt.recv_perm, rt.expert_offsets, rt.recv_rows, rt.wire, W, E, model->e0, El);
-    wire_round_rows(model, dispatched, model->lsh.L > 0 ? rt.group_cents[E * V] : rt.send_offsets[E], C);
+    wire_round_rows(model, dispatched, moe_sent_rows(model, &rt), C);
     alltoall_rows(dispatched, rt.send_rows, buf->recvbuf, rt.recv_rows, C, &model->comm);
     moe_rows_to_experts(a.expin, buf->recvbuf, rt.recv_perm, R, C);
     // 7. the experts held here
@@ -943,7 +950,7 @@ void moe_layer_backward(GPT2* model, int m, float* dx, const float* dout, const 
         lsh_groups_decompress_backward(model, da.moe_y, &rt);
         dsent = buf->lsh_cent;
     }
-    wire_round_rows(model, dsent, model->lsh.L > 0 ? rt.group_cents[E * model->sources] : rt.send_offsets[E], C);
+    wire_round_rows(model, dsent, moe_sent_rows(model, &rt), C);
     // 8. the output gradients go to the experts' owners
     alltoall_rows(dsent, rt.send_rows, buf->recvbuf, rt.recv_rows, C, &model->comm);
     moe_rows_to_experts(da.expout, buf->recvbuf, rt.recv_perm, R, C);
