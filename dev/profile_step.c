@@ -1,6 +1,6 @@
 /*
 Where one training step of the CPU trainer spends its time, phase by phase: forward, backward,
-zeroing the gradients, the gradient norm and AdamW, timed on random tokens after a warm-up step
+the gradient norm and AdamW (which zeroes the gradients for the next step), timed on random tokens after a warm-up step
 (the first step pays for first-touch page faults and AdamW's moments). For the kernels inside the
 forward and backward, run the trainer under perf (README, "Benchmark").
 Usage: dev/profile_step descriptor B T [E K [steps]]   (e.g. d6 4 64 for dense, d6 4 64 8 1)
@@ -30,25 +30,23 @@ int main(int argc, char** argv) {
     uint64_t rng = 42;
     for (int i = 0; i <= B * T; i++) { tokens[i] = random_u32(&rng) % c.vocab_size; }
 
-    const char* names[] = {"zero_grad", "forward", "backward", "grad_norm", "adamw"}; // in step order
-    double total[5] = {0};
+    const char* names[] = {"forward", "backward", "grad_norm", "adamw"}; // in step order
+    double total[4] = {0};
     for (int step = 0; step <= steps; step++) { // step 0 warms up and is not counted
-        double t[6];
+        double t[5];
         t[0] = now_seconds();
-        gpt2_zero_grad(&model); // timed apart from the rest: it is a pass over every gradient
-        t[1] = now_seconds();
         gpt2_forward(&model, tokens, tokens + 1, B, T);
-        t[2] = now_seconds();
+        t[1] = now_seconds();
         gpt2_backward(&model, 1.0f);
-        t[3] = now_seconds();
+        t[2] = now_seconds();
         float norm = gpt2_grad_norm(&model);
-        t[4] = now_seconds();
+        t[3] = now_seconds();
         gpt2_update(&model, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, grad_clip_scale(norm, 1.0f), step + 1);
-        t[5] = now_seconds();
-        for (int i = 0; step > 0 && i < 5; i++) { total[i] += t[i + 1] - t[i]; }
+        t[4] = now_seconds();
+        for (int i = 0; step > 0 && i < 4; i++) { total[i] += t[i + 1] - t[i]; }
     }
     double sum = 0.0;
-    for (int i = 0; i < 5; i++) { sum += total[i]; }
+    for (int i = 0; i < 4; i++) { sum += total[i]; }
     printf("%s B=%d T=%d E=%d K=%d, %zu parameters, %d steps after a warm-up, %d threads\n", argv[1], B, T,
            c.num_experts > 1 ? c.num_experts : 1, c.num_experts > 1 ? c.top_k : 1, model.num_parameters, steps,
 #ifdef OMP
@@ -57,7 +55,7 @@ int main(int argc, char** argv) {
            1
 #endif
     );
-    for (int i = 0; i < 5; i++) { printf("%-10s %8.1f ms %5.1f%%\n", names[i], total[i] / steps * 1e3, 100.0 * total[i] / sum); }
+    for (int i = 0; i < 4; i++) { printf("%-10s %8.1f ms %5.1f%%\n", names[i], total[i] / steps * 1e3, 100.0 * total[i] / sum); }
     printf("%-10s %8.1f ms\n", "step", sum / steps * 1e3);
     free(tokens);
     gpt2_free(&model);
