@@ -68,7 +68,7 @@ def summarise(name, train, val, tokens_per_step):
         "rate": mean([v for _, v in train.get("lsh_rate", [])]) if "lsh_rate" in train else float("nan"),
         "lsh_err": mean([v for _, v in train.get("lsh_err", [])]) if "lsh_err" in train else float("nan"),
         "mb_per_step": 4 * mean(vals) if vals else 0.0,  # four all-to-alls of the same size
-        "lsh_ms": mean([v for _, v in train.get("lsh_ms", [])]) if "lsh_ms" in train else 0.0,
+        "lsh_ms": median([v for _, v in train.get("lsh_ms", [])]) if "lsh_ms" in train else 0.0,  # timings: medians, robust to a paused step
         "ms": median([v for s, v in train.get("ms", []) if s > 0]),  # step 0 pays the allocations
         "tokens_per_step": tokens_per_step,
     }
