@@ -16,7 +16,7 @@ Columns: val loss at the last step every run has reached (equal tokens: every ru
 batches), its difference from the uncompressed MoE run (moe_e8k1), the LSH compression rate
 (centroids / rows, mean over steps), all-to-all MB per step (rows that cross ranks, the four
 all-to-alls of every MoE layer, summed over the simulated ranks, mean over steps), the time in
-lshmoe.h's calls per step (mean) and the median step time.
+lshmoe.h's calls per step and the step time (medians: a step paused from outside does not skew them).
 
 Bandwidth model (DESIGN.md, "Where it pays"): t(bw) = t_step + bytes_per_step / bw, with t_step the
 measured step time on this machine (it includes the LSH work and the experts' smaller inputs, and
