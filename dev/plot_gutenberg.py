@@ -4,7 +4,7 @@ main.log) and writes, into the output folder (default dev/gutenberg):
 
   curves.csv          run, step, tokens, val_loss: every validation point
   results.csv         one row per run: the table below, unrounded
-  val_loss.png        val loss against tokens seen, every run
+  val_loss.png        val loss against tokens seen, every run (and its difference from moe_e8k1)
   val_vs_bytes.png    val loss at the last common step against all-to-all MB per step
   step_time.png       the bandwidth model's step time against link speed (see below)
 
@@ -134,12 +134,18 @@ def main():
     def style(name):
         return "--" if "nocomp" in name else ":" if name.startswith("dense") else "-"
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.2))
     for r in runs:
         steps = sorted(r["val"])
-        for ax in axes:
+        for ax in axes[:2]:
             ax.plot([s * r["tokens_per_step"] / 1e6 for s in steps], [r["val"][s] for s in steps], style(r["run"]),
                     marker="o", ms=2.5, lw=1, label=r["run"])
+        if base:  # the gap to the uncompressed MoE run at each validation step both reached
+            steps = [s for s in steps if s > 0 and s in base["val"]]
+            axes[2].plot([s * r["tokens_per_step"] / 1e6 for s in steps], [r["val"][s] - base["val"][s] for s in steps],
+                         style(r["run"]), marker="o", ms=2.5, lw=1, label=r["run"])
+    axes[2].axhline(0.0, color="k", lw=0.5)
+    axes[2].set_title(f"val loss minus {BASELINE}'s")
     axes[0].set_title("val loss (Gutenberg, d4)")
     half = [v for r in runs for s, v in r["val"].items() if s >= common / 2]
     if half:
@@ -147,7 +153,7 @@ def main():
         axes[1].set_xlim(common / 2 * args.tokens / 1e6, None)
     axes[1].set_title("second half, zoomed")
     for ax in axes:
-        ax.set_xlabel("tokens (M)"); ax.set_ylabel("val loss")
+        ax.set_xlabel("tokens (M)"); ax.set_ylabel("val loss" if ax is not axes[2] else "difference")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout(); fig.savefig(os.path.join(args.out, "val_loss.png"), dpi=110); plt.close(fig)
 
