@@ -22,7 +22,11 @@ Bandwidth model (DESIGN.md, "Where it pays"): t(bw) = t_step + bytes_per_step / 
 measured step time on this machine (it includes the LSH work and the experts' smaller inputs, and
 the all-to-all as a local copy) and bw the link speed per rank. A compressed run beats the
 uncompressed one below bw* = (bytes_uncompressed - bytes_compressed) / (t_compressed - t_uncompressed)
-(and at every speed when it is not slower to compute).
+(and at every speed when it is not slower to compute). At equal quality instead of equal steps:
+the uncompressed run reached the compressed run's final loss at step s_eq (interpolated between
+val points), so the compressed run pays while common (t_c + B_c/bw) < s_eq (t_u + B_u/bw); and,
+for any machine, where the all-to-all takes more than (common k - s_eq) / (common (k - rho)) of
+the uncompressed step, with k and rho the measured ratios of compute time and bytes per step.
 """
 import argparse
 import csv
@@ -47,6 +51,17 @@ DESCRIPTION = {  # what each run of scripts/run_gutenberg.sh is
     "lsh10_half": "LSH ~10%, residual x 0.5 (ours)",
     "lsh20_bf16": "LSH ~20%, bf16 wire (ours)",
 }
+
+
+def steps_to_reach(run, loss):
+    """the (linearly interpolated) step at which run's val curve first gets down to loss; None if never"""
+    points = sorted(run["val"].items())
+    if points and points[0][1] <= loss:
+        return points[0][0]
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if v1 <= loss:  # v0 > loss >= v1
+            return s0 + (v0 - loss) / (v0 - v1) * (s1 - s0)
+    return None
 
 
 def mean(xs):
@@ -185,6 +200,30 @@ def main():
                 saved, dt = base["mb_per_step"] - r["mb_per_step"], r["ms"] - base["ms"]
                 where = "at every link speed (not slower to compute)" if dt <= 0 else f"below {saved / dt:.3g} GB/s"
                 print(f"{r['run']}: saves {saved:.1f} MB per step; faster than {BASELINE} {where}")
+                # at equal quality: the baseline needs only s_eq steps to reach this run's loss, so
+                # the compressed run pays while common (t + B/bw) < s_eq (t_b + B_b/bw)
+                s_eq = steps_to_reach(base, r["val_common"])
+                if s_eq is None:
+                    print(f"  at equal quality: it reaches a loss {BASELINE} did not reach by step {max(base['val'])}")
+                    continue
+                more_bytes = s_eq * base["mb_per_step"] - common * r["mb_per_step"]  # MB the baseline sends beyond it
+                more_ms = common * r["ms"] - s_eq * base["ms"]  # ms of compute it spends beyond the baseline
+                if more_bytes <= 0:
+                    where = "at no link speed (it sends more bytes in all)"
+                elif more_ms <= 0:
+                    where = "at every link speed"
+                else:
+                    where = f"below {more_bytes / more_ms * 1e3:.3g} MB/s"
+                print(f"  at equal quality: {BASELINE} reached its loss at step {s_eq:.0f} of {common}; "
+                      f"it pays {where}")
+                # the same without this machine's compute speed: with the baseline's step c + m (m its
+                # all-to-all), this run's k c + rho m (k, rho: measured ratios of compute and bytes),
+                # it pays where m / (c + m) > (common k - s_eq) / (common (k - rho))
+                k, rho = r["ms"] / base["ms"], r["mb_per_step"] / base["mb_per_step"]
+                if s_eq > common * rho:
+                    share = max(0.0, (common * k - s_eq) / (common * (k - rho)))
+                    print(f"  (compute {k:.2f}x, bytes {rho:.3f}x {BASELINE}'s per step: at equal quality it pays where "
+                          f"the all-to-all takes over {100 * share:.0f}% of {BASELINE}'s step)")
     print(f"\nwrote curves.csv, results.csv, val_loss.png, val_vs_bytes.png, step_time.png to {args.out}")
 
 

@@ -35,6 +35,14 @@ gutenberg() {
     else
         echo "FAIL plots/plot_gutenberg $(tail -3 "$tmp/p1" | tr '\n' ' ')"
     fi
+    # equal-quality steps by hand: a curve 10 @0, 6 @100, 5 @200 reaches 5.5 at step 150, 6 at 100,
+    # 12 at 0 and never 4
+    got=$(cd dev && "$PYTHON" -c "from plot_gutenberg import steps_to_reach as f; r = {'val': {0: 10.0, 100: 6.0, 200: 5.0}}; print(f(r, 5.5), f(r, 6.0), f(r, 12.0), f(r, 4.0))" 2>&1)
+    if [ "$got" = "150.0 100.0 0 None" ]; then
+        echo "ok   plots/steps_to_reach interpolates between val points: $got"
+    else
+        echo "FAIL plots/steps_to_reach want '150.0 100.0 0 None', got '$got'"
+    fi
     if "$PYTHON" dev/plot_log.py "$out/dense" "$out/lsh20" -o "$tmp/one.png" >/dev/null 2>&1 && [ -s "$tmp/one.png" ]; then
         echo "ok   plots/plot_log loss, lr, norm, expert load and LSH panels of two logs in one PNG"
     else
