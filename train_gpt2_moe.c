@@ -24,9 +24,9 @@ Expert parallelism: W processes under mpirun (-DUSE_MPI, comm.h), rank r holds e
 Without MPI, W = 1 and the same code runs with the all-to-alls as copies.
 
 Conventions: activations are written (=), gradients accumulate (+=); the gradient buffers start
-at zero and gpt2_update zeroes them as it reads them. Shapes are in comments: B batch, T time, C channels, V vocab, Vp padded
-vocab, L layers, NH heads, E experts, K top-k, H expert hidden, N = B*T tokens, S = N*K slots,
-W processes, Ld / Lm the number of dense / MoE layers.
+at zero and gpt2_update zeroes them as it reads them. Shapes are in comments: B batch, T time,
+C channels, V vocab, Vp padded vocab, L layers, NH heads, E experts, K top-k, H expert hidden,
+N = B*T tokens, S = N*K slots, W processes, Ld / Lm the number of dense / MoE layers.
 
 Build and run: see README.md (`make run`, `make test`).
 */

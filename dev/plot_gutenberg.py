@@ -83,7 +83,8 @@ def summarise(name, train, val, tokens_per_step):
         "rate": mean([v for _, v in train.get("lsh_rate", [])]) if "lsh_rate" in train else float("nan"),
         "lsh_err": mean([v for _, v in train.get("lsh_err", [])]) if "lsh_err" in train else float("nan"),
         "mb_per_step": 4 * mean(vals) if vals else 0.0,  # four all-to-alls of the same size
-        "lsh_ms": median([v for _, v in train.get("lsh_ms", [])]) if "lsh_ms" in train else 0.0,  # timings: medians, robust to a paused step
+        # timings: medians, robust to a step paused from outside
+        "lsh_ms": median([v for _, v in train.get("lsh_ms", [])]) if "lsh_ms" in train else 0.0,
         "ms": median([v for s, v in train.get("ms", []) if s > 0]),  # step 0 pays the allocations
         "tokens_per_step": tokens_per_step,
     }
@@ -220,7 +221,7 @@ def main():
                 # all-to-all), this run's k c + rho m (k, rho: measured ratios of compute and bytes),
                 # it pays where m / (c + m) > (common k - s_eq) / (common (k - rho))
                 k, rho = r["ms"] / base["ms"], r["mb_per_step"] / base["mb_per_step"]
-                if s_eq > common * rho:
+                if more_bytes > 0:  # else it never pays (above)
                     share = max(0.0, (common * k - s_eq) / (common * (k - rho)))
                     print(f"  (compute {k:.2f}x, bytes {rho:.3f}x {BASELINE}'s per step: at equal quality it pays where "
                           f"the all-to-all takes over {100 * share:.0f}% of {BASELINE}'s step)")

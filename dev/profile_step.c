@@ -1,7 +1,7 @@
 /*
 Where one training step of the CPU trainer spends its time, phase by phase: forward, backward,
-the gradient norm and AdamW (which zeroes the gradients for the next step), timed on random tokens after a warm-up step
-(the first step pays for first-touch page faults and AdamW's moments). For the kernels inside the
+the gradient norm and AdamW (which zeroes the gradients for the next step), timed on random
+tokens after a warm-up step (the first step pays for first-touch page faults and AdamW's moments). For the kernels inside the
 forward and backward, run the trainer under perf (README, "Benchmark").
 Usage: dev/profile_step descriptor B T [E K [steps]]   (e.g. d6 4 64 for dense, d6 4 64 8 1)
 */
