@@ -88,17 +88,20 @@ typedef struct {
     float* expout;        // (Lm, W*S, C)
 } ActivationTensors;
 
-// W*S rows bound what one rank's experts can receive (dropless, every token to one rank)
-void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T, int W) {
+// W*S rows bound what one rank's experts can receive (dropless, every token to one rank).
+// grads = 1: the sizes of their gradients, where tensors without one (the layernorms' statistics,
+// the logits and probabilities, the losses) get none: the backward writes dlogits over the probs.
+void fill_in_activation_sizes(size_t* act_sizes, const GPT2Config* config, size_t B, size_t T, int W, int grads) {
     size_t C = config->channels, NH = config->num_heads, L = config->num_layers, Vp = config->padded_vocab_size;
     size_t Ld = num_dense_layers(config), Lm = num_moe_layers(config);
     size_t E = config->num_experts, K = config->top_k, H = config->expert_hidden;
     size_t N = B * T, S = N * K, WS = (size_t)W * S;
     if (Lm == 0) { WS = 0; }
+    size_t G = grads ? 0 : 1;
     size_t sizes[NUM_ACTIVATION_TENSORS] = {
-        N * C, L * N * C, L * N, L * N, L * N * 3 * C, L * N * C, L * B * NH * T * T, L * B * NH * T * T,
-        L * N * C, L * N * C, L * N * C, L * N, L * N, Ld * N * 4 * C, Ld * N * 4 * C, L * N * C,
-        L * N * C, N * C, N, N, N * Vp, N * Vp, N,
+        N * C, L * N * C, G * L * N, G * L * N, L * N * 3 * C, L * N * C, L * B * NH * T * T, L * B * NH * T * T,
+        L * N * C, L * N * C, L * N * C, G * L * N, G * L * N, Ld * N * 4 * C, Ld * N * 4 * C, L * N * C,
+        L * N * C, N * C, G * N, G * N, G * N * Vp, G * N * Vp, G * N,
         Lm * N * E, Lm * N * E, Lm * N * K, Lm * S * C, Lm * WS * C, Lm * WS * H, Lm * WS * H, Lm * WS * C};
     memcpy(act_sizes, sizes, sizeof(sizes));
 }
@@ -115,7 +118,10 @@ float* malloc_and_point_activations(ActivationTensors* acts, const size_t* act_s
         &acts->router_logits, &acts->router_probs, &acts->gates, &acts->moe_y, &acts->expin, &acts->exph,
         &acts->exph_gelu, &acts->expout};
     float* iter = acts_memory;
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *(ptrs[i]) = iter; iter += act_sizes[i]; }
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) {
+        *(ptrs[i]) = act_sizes[i] > 0 ? iter : NULL;
+        iter += act_sizes[i];
+    }
     return acts_memory;
 }
 
@@ -151,6 +157,7 @@ typedef struct {
     ActivationTensors acts;
     size_t act_sizes[NUM_ACTIVATION_TENSORS];
     float* acts_memory;
+    size_t grads_act_sizes[NUM_ACTIVATION_TENSORS];
     ActivationTensors grads_acts;
     float* grads_acts_memory;
     MoERouting routing;
@@ -522,7 +529,8 @@ void crossentropy_forward(float* losses, const float* probs, const int* targets,
     for (int i = 0; i < N; i++) { losses[i] = -logf(probs[(size_t)i * Vp + targets[i]]); }
 }
 
-// dlogits += (probs - onehot(target)) * dloss, for the mean loss over N tokens scaled by loss_scale
+// dlogits = (probs - onehot(target)) * dloss, for the mean loss over N tokens scaled by loss_scale;
+// dlogits may be probs itself (in place, as llm.c's fused classifier); the padded tail gets 0
 void crossentropy_softmax_backward(float* dlogits, // (N,Vp)
                                    const float* probs, const int* targets, // (N,Vp), (N)
                                    float dloss, int N, int V, int Vp) {
@@ -530,9 +538,10 @@ void crossentropy_softmax_backward(float* dlogits, // (N,Vp)
     for (int i = 0; i < N; i++) {
         float* dlogits_i = dlogits + (size_t)i * Vp;
         const float* probs_i = probs + (size_t)i * Vp;
+        for (int v = V; v < Vp; v++) { dlogits_i[v] = 0.0f; }
         for (int v = 0; v < V; v++) {
             float indicator = v == targets[i] ? 1.0f : 0.0f;
-            dlogits_i[v] += (probs_i[v] - indicator) * dloss;
+            dlogits_i[v] = (probs_i[v] - indicator) * dloss;
         }
     }
 }
@@ -1024,7 +1033,7 @@ void gpt2_allocate_activations(GPT2* model, size_t B, size_t T) {
     int lsh = model->lsh.L > 0;
     model->batch_size = B;
     model->seq_len = T;
-    fill_in_activation_sizes(model->act_sizes, cfg, B, T, W);
+    fill_in_activation_sizes(model->act_sizes, cfg, B, T, W, 0);
     model->acts_memory = malloc_and_point_activations(&model->acts, model->act_sizes);
     model->routing_memory = moe_routing_allocate(&model->routing, num_moe_layers(cfg), B * T * cfg->top_k, W, E, model->E_local, model->sources, lsh);
     model->inputs = (int*)mallocCheck(B * T * sizeof(int));
@@ -1143,7 +1152,8 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     if (model->grads_memory == NULL) {
         model->grads_memory = (float*)callocCheck(model->num_parameters, sizeof(float));
         point_parameters(&model->grads, model->grads_memory, model->param_sizes);
-        model->grads_acts_memory = malloc_and_point_activations(&model->grads_acts, model->act_sizes);
+        fill_in_activation_sizes(model->grads_act_sizes, &model->config, model->batch_size, model->seq_len, model->comm.world, 1);
+        model->grads_acts_memory = malloc_and_point_activations(&model->grads_acts, model->grads_act_sizes);
     }
     const GPT2Config* cfg = &model->config;
     size_t B = model->batch_size, T = model->seq_len; // the full allocation: training uses it
@@ -1151,7 +1161,7 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     size_t NH = cfg->num_heads, C = cfg->channels;
     size_t N = B * T;
     size_t num_acts = 0;
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { num_acts += model->act_sizes[i]; }
+    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { num_acts += model->grads_act_sizes[i]; }
     zero_floats(model->grads_acts_memory, num_acts);
 
     ParameterTensors p = model->params;
@@ -1161,8 +1171,9 @@ void gpt2_backward(GPT2* model, float loss_scale) {
     model->lb_scale = loss_scale * model->aux_loss_weight;
     model->z_scale = loss_scale * model->z_loss_weight;
 
-    crossentropy_softmax_backward(da.logits, a.probs, model->targets, loss_scale / N, N, V, Vp);
-    matmul_backward(da.lnf, g.wte, NULL, da.logits, a.lnf, p.wte, N, C, Vp);
+    float* dlogits = a.probs; // (N, Vp) written over the probs, which the backward needs no more
+    crossentropy_softmax_backward(dlogits, a.probs, model->targets, loss_scale / N, N, V, Vp);
+    matmul_backward(da.lnf, g.wte, NULL, dlogits, a.lnf, p.wte, N, C, Vp);
     float* residual = a.residual3 + (L - 1) * N * C;
     float* dresidual = da.residual3 + (L - 1) * N * C;
     layernorm_backward(dresidual, g.lnfw, g.lnfb, da.lnf, residual, p.lnfw, a.lnf_mean, a.lnf_rstd, N, C);

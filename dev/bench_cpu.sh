@@ -20,19 +20,23 @@ THREADS=${OMP_NUM_THREADS:-$(nproc)}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-run() { # name binary steps extra-flags: appends "name ms active" to $out/results
+timer=() # peak resident memory of each run, where GNU time is installed (Debian: apt-get install time)
+[ -x /usr/bin/time ] && timer=(/usr/bin/time -f "peak_rss_kb %M" -o "$out/rss.txt")
+run() { # name binary steps extra-flags: appends "name ms active peak_MB" to $out/results
     local name=$1 bin=$2 steps=$3 flags=$4
-    OMP_NUM_THREADS=$THREADS "$bin" -b $B -t $T -x "$steps" -v 0 -s 0 -W 0 $flags >"$out/run.txt" 2>&1 || { cat "$out/run.txt"; exit 1; }
+    OMP_NUM_THREADS=$THREADS "${timer[@]}" "$bin" -b $B -t $T -x "$steps" -v 0 -s 0 -W 0 $flags >"$out/run.txt" 2>&1 ||
+        { cat "$out/run.txt"; exit 1; }
     record "$name"
 }
-record() { # name: reads the run's stdout
-    local ms active
+record() { # name: reads the run's stdout (and its peak memory, when measured)
+    local ms active mb=-
     ms=$(sed -n 's/^average step \([0-9.]*\) ms.*/\1/p' "$out/run.txt")
     active=$(sed -n 's/^| parameters *| [0-9]* total, \([0-9]*\) active.*/\1/p' "$out/run.txt")
-    echo "$1 $ms $active" >>"$out/results"
+    [ -f "$out/rss.txt" ] && mb=$(awk '$1 == "peak_rss_kb" { printf "%.0f", $2 / 1000 }' "$out/rss.txt") && rm "$out/rss.txt"
+    echo "$1 $ms $active $mb" >>"$out/results"
 }
 best() { # name: the least disturbed of the rounds
-    awk -v n="$1" '$1 == n && (ms == "" || $2 < ms) { ms = $2; act = $3 } END { print ms, act }' "$out/results"
+    awk -v n="$1" '$1 == n && (ms == "" || $2 < ms) { ms = $2; act = $3; mb = $4 } END { print ms, act, mb }' "$out/results"
 }
 
 have_loops=0; [ -x "$LOOPS_BIN" ] && have_loops=1
@@ -57,13 +61,14 @@ done
 echo "CPU benchmark: B=$B T=$T (global), $STEPS steps (d12: $d12_steps; the first excluded), best of $ROUNDS rounds, $THREADS threads"
 echo
 echo "1. dense: OpenBLAS against the plain C matmuls (BLAS=0)"
-printf "%-6s %14s %14s %10s %10s %8s\n" model "BLAS ms/step" "loops ms/step" "BLAS tok/s" "loops tok/s" speedup
+printf "%-6s %14s %14s %10s %10s %8s %14s %14s\n" model "BLAS ms/step" "loops ms/step" "BLAS tok/s" "loops tok/s" speedup \
+       "BLAS peak MB" "loops peak MB"
 for m in d6 d12; do
-    read -r ms_b _ <<<"$(best "dense_${m}_blas")"
-    if [ $have_loops -eq 1 ]; then read -r ms_l _ <<<"$(best "dense_${m}_loops")"; else ms_l=""; fi
-    awk -v m="$m" -v b="$ms_b" -v l="$ms_l" -v tok=$((B * T)) 'BEGIN {
-        if (l == "") printf "%-6s %14.1f %14s %10.0f %10s %8s\n", m, b, "-", tok / (b / 1000), "-", "-"
-        else printf "%-6s %14.1f %14.1f %10.0f %10.0f %7.2fx\n", m, b, l, tok / (b / 1000), tok / (l / 1000), l / b }'
+    read -r ms_b _ mb_b <<<"$(best "dense_${m}_blas")"
+    if [ $have_loops -eq 1 ]; then read -r ms_l _ mb_l <<<"$(best "dense_${m}_loops")"; else ms_l=""; mb_l=-; fi
+    awk -v m="$m" -v b="$ms_b" -v l="$ms_l" -v mb="$mb_b" -v ml="$mb_l" -v tok=$((B * T)) 'BEGIN {
+        if (l == "") printf "%-6s %14.1f %14s %10.0f %10s %8s %14s %14s\n", m, b, "-", tok / (b / 1000), "-", "-", mb, ml
+        else printf "%-6s %14.1f %14.1f %10.0f %10.0f %7.2fx %14s %14s\n", m, b, l, tok / (b / 1000), tok / (l / 1000), l / b, mb, ml }'
 done
 [ $have_loops -eq 0 ] && echo "(no $LOOPS_BIN: make train_gpt2_moe_cpu_noblas)"
 
