@@ -17,6 +17,8 @@ batches), its difference from the uncompressed MoE run (moe_e8k1), the LSH compr
 (centroids / rows, mean over steps), all-to-all MB per step (rows that cross ranks, the four
 all-to-alls of every MoE layer, summed over the simulated ranks, mean over steps), the time in
 lshmoe.h's calls per step and the step time (medians: a step paused from outside does not skew them).
+Where a run folder has a timing.txt (TIME=1 bash scripts/run_gutenberg.sh: the finished runs timed
+again in turn on a quiet machine), its least disturbed round gives those two timings instead.
 
 Bandwidth model (DESIGN.md, "Where it pays"): t(bw) = t_step + bytes_per_step / bw, with t_step the
 measured step time on this machine (it includes the LSH work and the experts' smaller inputs, and
@@ -73,7 +75,24 @@ def median(xs):
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def summarise(name, train, val, tokens_per_step):
+def read_timing(path):
+    """timing.txt's rounds ("round R ms M lsh_ms X"): the least disturbed one's (ms, lsh_ms), or None"""
+    if not os.path.isfile(path):
+        return None
+    rounds = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            w = line.split()
+            try:
+                if len(w) != 6 or w[0] != "round" or w[2] != "ms" or w[4] != "lsh_ms":
+                    raise ValueError
+                rounds.append((float(w[3]), 0.0 if w[5] == "-" else float(w[5])))
+            except ValueError:
+                sys.exit(f"error: {path}:{i}: expected 'round R ms M lsh_ms X', got {line.strip()!r}")
+    return min(rounds) if rounds else None
+
+
+def summarise(name, train, val, tokens_per_step, timing=None):
     vals = [v for _, v in train.get("wire_mb", [])]
     return {
         "run": name,
@@ -87,7 +106,8 @@ def summarise(name, train, val, tokens_per_step):
         "lsh_ms": median([v for _, v in train.get("lsh_ms", [])]) if "lsh_ms" in train else 0.0,
         "ms": median([v for s, v in train.get("ms", []) if s > 0]),  # step 0 pays the allocations
         "tokens_per_step": tokens_per_step,
-    }
+        "timed": timing is not None,
+    } | ({"ms": timing[0], "lsh_ms": timing[1]} if timing else {})
 
 
 def main():
@@ -108,7 +128,7 @@ def main():
         except ValueError as e:
             sys.exit(f"error: {e}")
         if val:
-            runs.append(summarise(n, train, val, args.tokens))
+            runs.append(summarise(n, train, val, args.tokens, read_timing(os.path.join(args.runs, n, "timing.txt"))))
     if not runs:
         sys.exit(f"error: no run in {args.runs} has a validation loss yet")
     common = min(max(r["val"]) for r in runs)  # the last val step every run has reached
@@ -125,12 +145,13 @@ def main():
         for r in runs:
             for s in sorted(r["val"]):
                 w.writerow([r["run"], s, s * r["tokens_per_step"], f"{r['val'][s]:.6f}"])
-    cols = ["run", "what", "steps", "val_common", "delta", "rate", "lsh_err", "mb_per_step", "lsh_ms", "ms"]
+    cols = ["run", "what", "steps", "val_common", "delta", "rate", "lsh_err", "mb_per_step", "lsh_ms", "ms", "timed"]
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols[:3] + [f"val_loss_at_step_{common}"] + cols[4:])
         for r in runs:
-            w.writerow([r[c] if isinstance(r[c], (str, int)) else f"{r[c]:.6g}" for c in cols])
+            w.writerow([int(r[c]) if isinstance(r[c], bool) else r[c] if isinstance(r[c], (str, int)) else f"{r[c]:.6g}"
+                        for c in cols])
 
     def fmt(x, spec):
         return "-" if x != x else format(x, spec)  # NaN: not applicable
@@ -142,6 +163,14 @@ def main():
         print(f"| {r['run']} | {r['what']} | {fmt(r['val_common'], '.4f')} | {fmt(r['delta'], '+.4f')} | "
               f"{fmt(r['rate'], '.3f')} | {fmt(r['lsh_err'], '.3f')} | {fmt(r['mb_per_step'], '.1f')} | "
               f"{fmt(r['lsh_ms'], '.0f') if r['lsh_ms'] else '-'} | {fmt(r['ms'], '.0f')} |")
+    timed = [r["run"] for r in runs if r["timed"]]
+    if len(timed) == len(runs):
+        note = "timing.txt (timed again on a quiet machine) for every run"
+    elif timed:
+        note = f"timing.txt (timed again on a quiet machine) for {', '.join(timed)}; the training's medians for the others"
+    else:
+        note = "the training's medians (none timed again: TIME=1 bash scripts/run_gutenberg.sh)"
+    print(f"\nstep times: {note}")
 
     import matplotlib
     matplotlib.use("Agg")

@@ -35,6 +35,26 @@ gutenberg() {
     else
         echo "FAIL plots/plot_gutenberg $(tail -3 "$tmp/p1" | tr '\n' ' ')"
     fi
+    # TIME=1 times lsh20 again from its last checkpoint, two rounds; the table takes the faster
+    SMOKE=1 TIME=1 TIME_STEPS=2 RUNS=lsh20 OUT="$out" timeout 300 bash scripts/run_gutenberg.sh >"$tmp/t1" 2>&1
+    want=$(awk '{ print $4 }' "$out/lsh20/timing.txt" 2>/dev/null | sort -g | head -1)
+    "$PYTHON" dev/plot_gutenberg.py "$out" -o "$tmp/plots" --tokens 128 >"$tmp/p2" 2>&1
+    got=$(tr -d '\r' <"$tmp/plots/results.csv" | grep '^lsh20,' | cut -d, -f10,11) # csv rows end in \r\n
+    if [ "$(grep -c '^round [12] ms [0-9.]* lsh_ms [0-9.]*$' "$out/lsh20/timing.txt" 2>/dev/null)" = 2 ] &&
+       [ "$(tr -d '\r' <"$tmp/plots/results.csv" | grep -c '^dense,.*,0$')" = 1 ] &&
+       "$PYTHON" -c "import sys; sys.exit(abs(float('$want') - float('${got%,*}')) > 1e-3 or '${got#*,}' != '1')" 2>/dev/null; then
+        echo "ok   scripts/run_gutenberg TIME=1: lsh20 timed in 2 rounds; the table's step time is the faster round's, $want ms"
+    else
+        echo "FAIL scripts/run_gutenberg TIME=1: want $want,1 got '$got': $(tail -n 2 "$tmp/t1" "$tmp/p2" | tr '\n' ' ' | head -c 300)"
+    fi
+    echo "round 1 ms fast lsh_ms 2" >"$out/lsh20/timing.txt"
+    out1=$("$PYTHON" dev/plot_gutenberg.py "$out" -o "$tmp/plots" 2>&1); rc=$?
+    if [ $rc -ne 0 ] && [ "$(echo "$out1" | wc -l)" = 1 ] && [[ "$out1" == error:*timing.txt:1:* ]]; then
+        echo "ok   plots/bad_timing \"$out1\""
+    else
+        echo "FAIL plots/bad_timing exit $rc: $out1"
+    fi
+    rm "$out/lsh20/timing.txt"
     # equal-quality steps by hand: a curve 10 @0, 6 @100, 5 @200 reaches 5.5 at step 150, 6 at 100,
     # 12 at 0 and never 4
     got=$(cd dev && "$PYTHON" -c "from plot_gutenberg import steps_to_reach as f; r = {'val': {0: 10.0, 100: 6.0, 200: 5.0}}; print(f(r, 5.5), f(r, 6.0), f(r, 12.0), f(r, 4.0))" 2>&1)

@@ -9,7 +9,13 @@
 #   bash scripts/run_gutenberg.sh                       every run, in the order below
 #   RUNS="dense moe_e8k1" bash scripts/run_gutenberg.sh  some of them
 #   SMOKE=1 bash scripts/run_gutenberg.sh               2 steps of each (STEPS=n: n), tiny shapes (CI)
+#   TIME=1 bash scripts/run_gutenberg.sh                time the finished runs (below)
 # Plots and the table: python3 dev/plot_gutenberg.py $OUT
+# TIME=1 re-times each finished run on a quiet machine (the training's step times suffer whatever
+# else shared the cores): TIME_STEPS steps (20; the first excluded) from its last checkpoint with
+# its own flags, in TIME_ROUNDS rounds (2) that take the runs in turn, so that drift falls on all.
+# Each round appends "round R ms <mean step> lsh_ms <median LSH time>" to $OUT/<name>/timing.txt;
+# plot_gutenberg.py takes the least disturbed round instead of the training's median step.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -36,27 +42,51 @@ ALL_RUNS=(
 if [ "${SMOKE:-0}" = 1 ]; then
     OUT=${OUT:-log_smoke_gutenberg}
     STEPS=${STEPS:-2}
-    COMMON="-e d4 -b 4 -t 32 -x $STEPS -v 2 -m 1 -s 0 -n 1"
+    SHAPE="-b 4 -t 32"
+    COMMON="-e d4 $SHAPE -x $STEPS -v 2 -m 1 -s 0 -n 1"
 else
     OUT=${OUT:-log_gutenberg}
-    COMMON="-e d4 -b 32 -t 128 -x 1000 -l 1e-3 -u 100 -q 0.1 -c 0.1 -v 100 -m 20 -s 0 -n 250 -S 1337"
+    SHAPE="-b 32 -t 128"
+    COMMON="-e d4 $SHAPE -x 1000 -l 1e-3 -u 100 -q 0.1 -c 0.1 -v 100 -m 20 -s 0 -n 250 -S 1337"
     STEPS=1000
 fi
+DATA=(-i "data/gutenberg/gutenberg_train_*.bin" -j data/gutenberg/gutenberg_val.bin)
 bash dev/data/gutenberg.sh >/dev/null
 make -s train_gpt2_moe_cpu
 mkdir -p "$OUT"
+selected() { [ -z "${RUNS:-}" ] || [[ " $RUNS " == *" $1 "* ]]; }
+
+if [ "${TIME:-0}" = 1 ]; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    for round in $(seq "${TIME_ROUNDS:-2}"); do
+        for run in "${ALL_RUNS[@]}"; do
+            set -- $run
+            name=$1; shift
+            selected "$name" || continue
+            ckpt="$OUT/$name/model_$(printf %08d $STEPS).bin"
+            [ -f "$ckpt" ] || { echo "run $name: not finished, not timed"; continue; }
+            ./train_gpt2_moe_cpu -e "$ckpt" $SHAPE -x "${TIME_STEPS:-20}" -v 0 -s 0 "$@" -o "$tmp/$name" "${DATA[@]}" >"$tmp/out"
+            ms=$(sed -n 's/^average step \([0-9.]*\) ms.*/\1/p' "$tmp/out")
+            lsh_ms=$(grep -o 'lsh_ms:[0-9.]*' "$tmp/$name/main.log" | cut -d: -f2 | sort -g |
+                     awk '{ v[NR] = $1 } END { print NR ? v[int(NR / 2) + 1] : "-" }')
+            echo "round $round ms $ms lsh_ms $lsh_ms" | tee -a "$OUT/$name/timing.txt" | sed "s/^/run $name: /"
+            rm -rf "${tmp:?}/$name"
+        done
+    done
+    exit 0
+fi
 
 for run in "${ALL_RUNS[@]}"; do
     set -- $run
     name=$1; shift
-    if [ -n "${RUNS:-}" ] && ! [[ " $RUNS " == *" $name "* ]]; then continue; fi
+    selected "$name" || continue
     dir="$OUT/$name"
     if [ -f "$dir/model_$(printf %08d $STEPS).bin" ]; then echo "run $name: finished already"; continue; fi
     RESUME=0
     ls "$dir"/model_*.bin >/dev/null 2>&1 && RESUME=1 # continue where an earlier run stopped
     echo "run $name: $*"
-    ./train_gpt2_moe_cpu $COMMON "$@" -o "$dir" -y $RESUME \
-        -i "data/gutenberg/gutenberg_train_*.bin" -j data/gutenberg/gutenberg_val.bin
+    ./train_gpt2_moe_cpu $COMMON "$@" -o "$dir" -y $RESUME "${DATA[@]}"
     # a finished run keeps its last checkpoint only (each is ~0.4 GB with AdamW's state)
     last=$(printf %08d $STEPS)
     for f in "$dir"/model_*.bin "$dir"/state_*.bin; do
