@@ -163,6 +163,14 @@ def main():
         print(f"| {r['run']} | {r['what']} | {fmt(r['val_common'], '.4f')} | {fmt(r['delta'], '+.4f')} | "
               f"{fmt(r['rate'], '.3f')} | {fmt(r['lsh_err'], '.3f')} | {fmt(r['mb_per_step'], '.1f')} | "
               f"{fmt(r['lsh_ms'], '.0f') if r['lsh_ms'] else '-'} | {fmt(r['ms'], '.0f')} |")
+    steps = sorted({s for r in runs for s in r["val"]})
+    print("\nval loss at each validation step (bold: the step above)\n")
+    print("| run | " + " | ".join(str(s) for s in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for r in runs:
+        cells = [fmt(r["val"].get(s, float("nan")), ".3f") for s in steps]
+        cells = [f"**{c}**" if s == common else c for s, c in zip(steps, cells)]
+        print(f"| {r['run']} | " + " | ".join(cells) + " |")
     timed = [r["run"] for r in runs if r["timed"]]
     if len(timed) == len(runs):
         note = "timing.txt (timed again on a quiet machine) for every run"
