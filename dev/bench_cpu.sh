@@ -4,7 +4,8 @@
 #   1. dense d6 and d12 with OpenBLAS and with the plain C matmuls (BLAS=0), the two builds
 #      alternating run by run so that drift (thermal, noisy neighbours) falls on both;
 #   2. the trainer's matmuls against OpenBLAS's own sgemm on the same shapes (dev/bench_matmul);
-#   3. MoE d6 (E=8, top-1 and top-2, dropless) per token against dense;
+#   3. MoE d6 (E=8, top-1 and top-2, dropless) per token against dense, and top-1 again at 4B
+#      (the optimizer's passes over all E experts' weights cost the same per step at any batch);
 #   4. the MPI path: W=2 processes x 1 thread against W=1 x 2 threads, the same global batch.
 # Active FLOPs per token = 6 * (parameters a token touches) + 12 * L * C * T (attention), as
 # llm.c counts them: an MoE with E experts and top-k touches k experts' MLPs, not E.
@@ -24,7 +25,7 @@ timer=() # peak resident memory of each run, where GNU time is installed (Debian
 [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "peak_rss_kb %M" -o "$out/rss.txt")
 run() { # name binary steps extra-flags: appends "name ms active peak_MB" to $out/results
     local name=$1 bin=$2 steps=$3 flags=$4
-    OMP_NUM_THREADS=$THREADS "${timer[@]}" "$bin" -b $B -t $T -x "$steps" -v 0 -s 0 -W 0 $flags >"$out/run.txt" 2>&1 ||
+    OMP_NUM_THREADS=$THREADS "${timer[@]}" "$bin" -b "${RUN_B:-$B}" -t $T -x "$steps" -v 0 -s 0 -W 0 $flags >"$out/run.txt" 2>&1 ||
         { cat "$out/run.txt"; exit 1; }
     record "$name"
 }
@@ -50,6 +51,8 @@ for round in $(seq "$ROUNDS"); do
         [ $have_loops -eq 1 ] && run "dense_$1_loops" "$LOOPS_BIN" "$2" "-e $1 -E 1"
     done
     run moe_E8_k1 "$BLAS_BIN" "$STEPS" "-e d6 -E 8 -K 1 -F 0"
+    RUN_B=$((4 * B)) run dense_d6_4B "$BLAS_BIN" "$d12_steps" "-e d6 -E 1"
+    RUN_B=$((4 * B)) run moe_E8_k1_4B "$BLAS_BIN" "$d12_steps" "-e d6 -E 8 -K 1 -F 0"
     run moe_E8_k2 "$BLAS_BIN" "$STEPS" "-e d6 -E 8 -K 2 -F 0"
     if [ $have_mpi -eq 1 ] && [ $((B % 2)) -eq 0 ]; then # the same global batch as moe_E8_k1
         $MPIRUN -np 2 "$MPI_BIN" -e d6 -E 8 -K 1 -F 0 -b $((B / 2)) -t $T -x "$STEPS" -v 0 -s 0 -W 0 >"$out/run.txt" 2>&1 ||
@@ -88,16 +91,22 @@ else
 fi
 
 echo
-echo "3. MoE d6 (E=8, dropless) against dense d6, OpenBLAS"
-printf "%-11s %10s %9s %13s %12s %13s %15s\n" model ms/step tok/s "active params" GFLOP/step ratio/token ratio/act.FLOP
-for name in dense_d6_blas moe_E8_k1 moe_E8_k2; do echo "$name $(best $name)"; done | awk -v B="$B" -v T="$T" '
-    {
-        L = 6; C = 384; tok = B * T
-        flops = (6 * $3 + 12 * L * C * T) * tok
-        if (NR == 1) { base_ms = $2; base_flops = flops }
-        printf "%-11s %10.1f %9.0f %13d %12.2f %13.2f %15.2f\n", $1, $2, tok / ($2 / 1000), $3, flops / 1e9,
-               $2 / base_ms, ($2 / flops) / (base_ms / base_flops)
-    }'
+echo "3. MoE d6 (E=8, dropless) against dense d6, OpenBLAS; top-1 again at 4B = $((4 * B)) (the optimizer's"
+echo "   passes over every expert's weights, memory-bound, cost the same per step at any batch)"
+printf "%-12s %10s %9s %13s %12s %13s %15s\n" model ms/step tok/s "active params" GFLOP/step ratio/token ratio/act.FLOP
+moe_rows() { # batch names...: the first name is the baseline
+    local b=$1; shift
+    for name in "$@"; do echo "$name $(best "$name")"; done | awk -v B="$b" -v T="$T" '
+        {
+            L = 6; C = 384; tok = B * T
+            flops = (6 * $3 + 12 * L * C * T) * tok
+            if (NR == 1) { base_ms = $2; base_flops = flops }
+            printf "%-12s %10.1f %9.0f %13d %12.2f %13.2f %15.2f\n", $1, $2, tok / ($2 / 1000), $3, flops / 1e9,
+                   $2 / base_ms, ($2 / flops) / (base_ms / base_flops)
+        }'
+}
+moe_rows "$B" dense_d6_blas moe_E8_k1 moe_E8_k2
+moe_rows $((4 * B)) dense_d6_4B moe_E8_k1_4B
 
 echo
 echo "4. MPI: MoE d6 E=8 top-1, W=2 processes x 1 thread against W=1 x $THREADS threads, global batch $B x $T"
