@@ -10,6 +10,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 PYTHON=${PYTHON:-/usr/bin/python3}
+source "$(dirname "$0")/expect_error.sh" # expect_error NAME PATTERN ARGS...: one "error:" line, non-zero exit
 gutenberg() {
     local out="$tmp/gutenberg" n
     SMOKE=1 STEPS=1 OUT="$out" timeout 900 bash scripts/run_gutenberg.sh >"$tmp/g1" 2>&1
@@ -48,12 +49,7 @@ gutenberg() {
         echo "FAIL scripts/run_gutenberg TIME=1: want $want,1 got '$got': $(tail -n 2 "$tmp/t1" "$tmp/p2" | tr '\n' ' ' | head -c 300)"
     fi
     echo "round 1 ms fast lsh_ms 2" >"$out/lsh20/timing.txt"
-    out1=$("$PYTHON" dev/plot_gutenberg.py "$out" -o "$tmp/plots" 2>&1); rc=$?
-    if [ $rc -ne 0 ] && [ "$(echo "$out1" | wc -l)" = 1 ] && [[ "$out1" == error:*timing.txt:1:* ]]; then
-        echo "ok   plots/bad_timing \"$out1\""
-    else
-        echo "FAIL plots/bad_timing exit $rc: $out1"
-    fi
+    BIN=$PYTHON PREFIX=plots/ expect_error bad_timing "timing.txt:1: expected" dev/plot_gutenberg.py "$out" -o "$tmp/plots"
     rm "$out/lsh20/timing.txt"
     # equal-quality steps by hand: a curve 10 @0, 6 @100, 5 @200 reaches 5.5 at step 150, 6 at 100,
     # 12 at 0 and never 4
@@ -69,12 +65,7 @@ gutenberg() {
         echo "FAIL plots/plot_log did not write a PNG"
     fi
     printf 's:0 trl:1.0 ce:1.0\ns:1 trl:oops\n' >"$tmp/bad.log"
-    out1=$("$PYTHON" dev/plot_log.py "$tmp/bad.log" -o "$tmp/bad.png" 2>&1); rc=$?
-    if [ $rc -ne 0 ] && [ "$(echo "$out1" | wc -l)" = 1 ] && [[ "$out1" == error:*bad.log:2:* ]]; then
-        echo "ok   plots/bad_log \"$out1\""
-    else
-        echo "FAIL plots/bad_log exit $rc: $out1"
-    fi
+    BIN=$PYTHON PREFIX=plots/ expect_error bad_log "bad.log:2: not a main.log line" dev/plot_log.py "$tmp/bad.log" -o "$tmp/bad.png"
 }
 for script in scripts/*.sh; do
     name=$(basename "$script" .sh)
