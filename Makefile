@@ -85,6 +85,9 @@ dev/bench_matmul: dev/bench_matmul.c train_gpt2_moe.c $(HEADERS)
 	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 dev/profile_step: dev/profile_step.c train_gpt2_moe.c $(HEADERS)
 	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
+# the Gutenberg study's LSH gradients against the exact ones (README)
+dev/lsh_grad_error: dev/lsh_grad_error.c train_gpt2_moe.c $(HEADERS)
+	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 
 # the same trainer in double precision, for finite-difference checks
 test_moe_f64: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
@@ -191,7 +194,7 @@ endif
 # when torch is installed, else uses the ones committed in dev/reference/states
 # (the MPI tests join when mpicc is installed, and report themselves skipped otherwise)
 MPI_TEST_TARGETS := $(if $(MPICC),test_moe_mpi train_gpt2_moe_mpi,)
-test: test_moe $(if $(CPU_BLAS),test_moe_noblas,) test_moe_f64 dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) $(EMU_TARGETS) train_gpt2_moe_cpu dev/data/tokenize $(MPI_TEST_TARGETS)
+test: test_moe $(if $(CPU_BLAS),test_moe_noblas,) test_moe_f64 dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) $(EMU_TARGETS) train_gpt2_moe_cpu dev/lsh_grad_error dev/data/tokenize $(MPI_TEST_TARGETS)
 	PYTHON=$(PYTHON) NVCC=$(NVCC) bash dev/run_tests.sh
 
 # on a machine with a GPU: the same tests, compiled by nvcc, on the device
@@ -215,4 +218,5 @@ data: dev/data/tokenize
 
 clean:
 	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_noblas test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu $(LSH_KERNELS_GPU) $(LSH_KERNELS_EMU) \
-	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 train_gpt2_moe_emu_mpi test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu
+	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 train_gpt2_moe_emu_mpi test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu \
+	      train_gpt2_moe_cpu_noblas dev/bench_matmul dev/profile_step dev/lsh_grad_error

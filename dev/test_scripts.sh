@@ -3,7 +3,8 @@
 # trainer on the CPU, under mpirun for the multi-GPU ones): each trains 2 steps and writes a
 # checkpoint, and run again it resumes from it. scripts/run_gutenberg.sh (the CPU trainer, 12 runs)
 # runs 1 step, then 2 (resuming every run), then again (every run finished), and its logs feed the
-# plot scripts dev/plot_gutenberg.py and dev/plot_log.py. Prints ok/FAIL/skip lines.
+# plot scripts dev/plot_gutenberg.py and dev/plot_log.py and the gradient check dev/lsh_grad_error.
+# Prints ok/FAIL/skip lines.
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -25,6 +26,7 @@ gutenberg() {
         echo "FAIL scripts/run_gutenberg smoke: $(tail -3 "$tmp/g1" "$tmp/g2" "$tmp/g3" | tr '\n' ' ' | head -c 400)"
         return
     fi
+    lsh_grad_error "$out"
     if ! "$PYTHON" -c "import matplotlib" 2>/dev/null; then echo "skip plots (no matplotlib for $PYTHON)"; return; fi
     "$PYTHON" dev/plot_gutenberg.py "$out" -o "$tmp/plots" --tokens 128 >"$tmp/p1" 2>&1
     # the table's value for lsh20 is main.log's val loss at step 2
@@ -66,6 +68,22 @@ gutenberg() {
     fi
     printf 's:0 trl:1.0 ce:1.0\ns:1 trl:oops\n' >"$tmp/bad.log"
     BIN=$PYTHON PREFIX=plots/ expect_error bad_log "bad.log:2: not a main.log line" dev/plot_log.py "$tmp/bad.log" -o "$tmp/bad.png"
+}
+# dev/lsh_grad_error on a smoke run's 2-step MoE checkpoint: a row per tensor, and on weights this
+# fresh the rates are ~20%, 60% and 90%, so one draw's error on the experts' weights must fall
+# from lsh10 to lsh30; a dense checkpoint is refused
+lsh_grad_error() {
+    local val=data/gutenberg/gutenberg_val.bin rows e10 e30
+    [ -x dev/lsh_grad_error ] || { echo "FAIL lsh_grad_error: dev/lsh_grad_error not built (make dev/lsh_grad_error)"; return; }
+    dev/lsh_grad_error "$1/lsh20/model_00000002.bin" $val 2 2 4 32 >"$tmp/ge" 2>"$tmp/ge.err"
+    rows=$(grep -cE '^[a-z0-9]+ +[0-9.]+( \| +[0-9.]+ +[0-9.]+ +[0-9.]+){3}$' "$tmp/ge")
+    read -r e10 e30 <<<"$(awk '$1 == "expfcw" { print $4, $12 }' "$tmp/ge")"
+    if [ "$rows" = 17 ] && awk -v a="$e10" -v b="$e30" 'BEGIN { exit !(a > b && b > 0) }'; then
+        echo "ok   lsh_grad_error 17 tensors; expfcw's error relative to the exact gradient: $e10 at lsh10, $e30 at lsh30"
+    else
+        echo "FAIL lsh_grad_error $rows rows (want 17), expfcw lsh10 '$e10' lsh30 '$e30': $(head -c 300 "$tmp/ge.err")"
+    fi
+    BIN=dev/lsh_grad_error PREFIX=lsh_grad_error/ expect_error dense "not an MoE checkpoint" "$1/dense/model_00000002.bin" $val
 }
 for script in scripts/*.sh; do
     name=$(basename "$script" .sh)
