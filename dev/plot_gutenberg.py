@@ -11,6 +11,11 @@ main.log) and writes, into the output folder (default dev/gutenberg):
 and prints the table as markdown (for README.md). Usage:
 
     /usr/bin/python3 dev/plot_gutenberg.py [runs_dir (log_gutenberg)] [-o dev/gutenberg] [--tokens 4096]
+                                           [--earlier dev/gutenberg]
+
+--earlier DIR takes the runs that have no main.log in runs_dir from the results.csv and curves.csv
+an earlier call wrote to DIR (a run whose folder was lost with its machine keeps its results; the
+table says which runs come from there). A timing.txt in runs_dir/<run>/ still applies to them.
 
 Columns: val loss at the last step every run has reached (equal tokens: every run sees the same
 batches), its difference from the uncompressed MoE run (moe_e8k1), the LSH compression rate
@@ -76,7 +81,8 @@ def median(xs):
 
 
 def read_timing(path):
-    """timing.txt's rounds ("round R ms M lsh_ms X"): the least disturbed one's (ms, lsh_ms), or None"""
+    """timing.txt's rounds ("round R ms M lsh_ms X", then "from RUN" when timed from another run's
+    checkpoint): the least disturbed one's (ms, lsh_ms), or None"""
     if not os.path.isfile(path):
         return None
     rounds = []
@@ -84,11 +90,11 @@ def read_timing(path):
         for i, line in enumerate(f, 1):
             w = line.split()
             try:
-                if len(w) != 6 or w[0] != "round" or w[2] != "ms" or w[4] != "lsh_ms":
+                if len(w) not in (6, 8) or w[0] != "round" or w[2] != "ms" or w[4] != "lsh_ms" or w[6:7] not in ([], ["from"]):
                     raise ValueError
                 rounds.append((float(w[3]), 0.0 if w[5] == "-" else float(w[5])))
             except ValueError:
-                sys.exit(f"error: {path}:{i}: expected 'round R ms M lsh_ms X', got {line.strip()!r}")
+                sys.exit(f"error: {path}:{i}: expected 'round R ms M lsh_ms X [from RUN]', got {line.strip()!r}")
     return min(rounds) if rounds else None
 
 
@@ -110,17 +116,46 @@ def summarise(name, train, val, tokens_per_step, timing=None):
     } | ({"ms": timing[0], "lsh_ms": timing[1]} if timing else {})
 
 
+def read_earlier(folder, tokens_per_step):
+    """the runs of an earlier call's results.csv and curves.csv in folder, as summarise() gives them"""
+    runs, path = {}, os.path.join(folder, "results.csv")
+    try:
+        with open(path, newline="") as f:
+            for i, row in enumerate(csv.DictReader(f), 2):
+                path = f"{os.path.join(folder, 'results.csv')}:{i}"
+                runs[row["run"]] = {
+                    "run": row["run"], "what": row["what"], "steps": int(row["steps"]), "val": {},
+                    "tokens_per_step": tokens_per_step, "timed": row["timed"] == "1", "earlier": True,
+                } | {c: float(row[c]) for c in ("rate", "lsh_err", "mb_per_step", "lsh_ms", "ms")}
+        path = os.path.join(folder, "curves.csv")
+        with open(path, newline="") as f:
+            for i, row in enumerate(csv.DictReader(f), 2):
+                path = f"{os.path.join(folder, 'curves.csv')}:{i}"
+                if row["run"] not in runs:
+                    raise ValueError(f"run {row['run']!r} is not in results.csv")
+                runs[row["run"]]["val"][int(row["step"])] = float(row["val_loss"])
+    except (OSError, KeyError, TypeError, ValueError) as e:  # a missing column reads as KeyError or None
+        sys.exit(f"error: {path}: not a results.csv / curves.csv of plot_gutenberg.py ({type(e).__name__}: {e})")
+    return [r for r in runs.values() if r["val"]]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="?", default="log_gutenberg", help="folder of run folders (default log_gutenberg)")
     ap.add_argument("-o", "--out", default="dev/gutenberg", help="output folder (default dev/gutenberg)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (default 4096, the script's 32 x 128)")
+    ap.add_argument("--earlier", metavar="DIR", help="take runs without a main.log from DIR's results.csv and curves.csv")
     args = ap.parse_args()
     if not os.path.isdir(args.runs):
         sys.exit(f"error: {args.runs} is not a folder of runs (run scripts/run_gutenberg.sh first)")
+    earlier = read_earlier(args.earlier, args.tokens) if args.earlier else []
     names = sorted(d for d in os.listdir(args.runs) if os.path.isfile(os.path.join(args.runs, d, "main.log")))
     order = list(DESCRIPTION)
-    names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
+
+    def rank(n):
+        return (order.index(n) if n in order else len(order), n)
+
+    names.sort(key=rank)
     runs = []
     for n in names:
         try:
@@ -129,6 +164,11 @@ def main():
             sys.exit(f"error: {e}")
         if val:
             runs.append(summarise(n, train, val, args.tokens, read_timing(os.path.join(args.runs, n, "timing.txt"))))
+    for r in earlier:
+        if r["run"] not in names:
+            timing = read_timing(os.path.join(args.runs, r["run"], "timing.txt"))
+            runs.append(r | ({"ms": timing[0], "lsh_ms": timing[1], "timed": True} if timing else {}))
+    runs.sort(key=lambda r: rank(r["run"]))
     if not runs:
         sys.exit(f"error: no run in {args.runs} has a validation loss yet")
     common = min(max(r["val"]) for r in runs)  # the last val step every run has reached
@@ -179,6 +219,9 @@ def main():
     else:
         note = "the training's medians (none timed again: TIME=1 bash scripts/run_gutenberg.sh)"
     print(f"\nstep times: {note}")
+    old = [r["run"] for r in runs if r.get("earlier")]
+    if old:
+        print(f"from {args.earlier}/results.csv and curves.csv (no main.log in {args.runs}): {', '.join(old)}")
 
     import matplotlib
     matplotlib.use("Agg")

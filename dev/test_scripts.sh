@@ -68,6 +68,24 @@ gutenberg() {
     fi
     printf 's:0 trl:1.0 ce:1.0\ns:1 trl:oops\n' >"$tmp/bad.log"
     BIN=$PYTHON PREFIX=plots/ expect_error bad_log "bad.log:2: not a main.log line" dev/plot_log.py "$tmp/bad.log" -o "$tmp/bad.png"
+    # runs lost with their folders: --earlier takes lsh10 and dense from the table above, and TIME=1
+    # times lsh10 from the first finished E=8 K=1 run's checkpoint (moe_e8k1), dense from new weights
+    cp -r "$tmp/plots" "$tmp/before"
+    rm -rf "$out/lsh10" "$out/dense"
+    SMOKE=1 TIME=1 TIME_STEPS=2 TIME_ROUNDS=1 RUNS="dense lsh10" OUT="$out" timeout 300 bash scripts/run_gutenberg.sh >"$tmp/t2" 2>&1
+    "$PYTHON" dev/plot_gutenberg.py "$out" --earlier "$tmp/before" -o "$tmp/after" --tokens 128 >"$tmp/p3" 2>&1
+    want=$(tr -d '\r' <"$tmp/before/results.csv" | grep '^lsh10,' | cut -d, -f1-8)
+    got=$(tr -d '\r' <"$tmp/after/results.csv" | grep '^lsh10,')
+    if grep -q '^round 1 ms [0-9.]* lsh_ms [0-9.]* from moe_e8k1$' "$out/lsh10/timing.txt" 2>/dev/null &&
+       grep -q '^round 1 ms [0-9.]* lsh_ms - from new$' "$out/dense/timing.txt" 2>/dev/null &&
+       [ "$(wc -l <"$tmp/after/results.csv")" = $((n + 1)) ] && [ "${got%,*,*,*}" = "$want" ] && [ "${got##*,}" = 1 ] &&
+       grep -q "(no main.log in $out): dense, lsh10$" "$tmp/p3"; then
+        echo "ok   plots/plot_gutenberg --earlier: lost runs dense and lsh10 kept from the earlier table; TIME=1 timed lsh10 from moe_e8k1's checkpoint, dense from new weights"
+    else
+        echo "FAIL plots/plot_gutenberg --earlier: want '$want,...,1' got '$got': $(tail -n 2 "$tmp/t2" "$tmp/p3" | tr '\n' ' ' | head -c 300)"
+    fi
+    printf 'run,what\nx,y\n' >"$tmp/before/results.csv"
+    BIN=$PYTHON PREFIX=plots/ expect_error bad_earlier "results.csv:2: not a results.csv" dev/plot_gutenberg.py "$out" --earlier "$tmp/before" -o "$tmp/after"
 }
 # dev/lsh_grad_error on a smoke run's 2-step MoE checkpoint: a row per tensor, and on weights this
 # fresh the rates are ~20%, 60% and 90%, so one draw's error on the experts' weights must fall

@@ -15,7 +15,12 @@
 # else shared the cores): TIME_STEPS steps (20; the first excluded) from its last checkpoint with
 # its own flags, in TIME_ROUNDS rounds (2) that take the runs in turn, so that drift falls on all.
 # Each round appends "round R ms <mean step> lsh_ms <median LSH time>" to $OUT/<name>/timing.txt;
-# plot_gutenberg.py takes the least disturbed round instead of the training's median step.
+# plot_gutenberg.py takes the least disturbed round instead of the training's median step. A run
+# whose checkpoint is gone (its folder lost, its results kept by plot_gutenberg.py --earlier) is
+# timed from the last checkpoint of a finished run of the same model (-E, -K, -H) with its own
+# flags, and its line ends "from <that run>": the weights change its step time only through the
+# routing and the LSH buckets, alike in two trained runs of one shape. Dense with no checkpoint
+# starts from new weights (its step time does not depend on them).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -55,6 +60,7 @@ bash dev/data/gutenberg.sh >/dev/null
 make -s train_gpt2_moe_cpu
 mkdir -p "$OUT"
 selected() { [ -z "${RUNS:-}" ] || [[ " $RUNS " == *" $1 "* ]]; }
+model_of() { echo " $* " | grep -oE -- ' -[EKH] [0-9]+' | tr -d ' \n'; } # "-E8-K1" of a run's flags
 
 if [ "${TIME:-0}" = 1 ]; then
     tmp=$(mktemp -d)
@@ -64,13 +70,24 @@ if [ "${TIME:-0}" = 1 ]; then
             set -- $run
             name=$1; shift
             selected "$name" || continue
-            ckpt="$OUT/$name/model_$(printf %08d $STEPS).bin"
-            [ -f "$ckpt" ] || { echo "run $name: not finished, not timed"; continue; }
+            ckpt="$OUT/$name/model_$(printf %08d $STEPS).bin" from=""
+            if [ ! -f "$ckpt" ] && [ ! -f "$OUT/$name/main.log" ]; then # lost: borrow a checkpoint
+                ckpt="" shape=$(model_of "$@")
+                for other in "${ALL_RUNS[@]}"; do
+                    set -- $other
+                    f="$OUT/$1/model_$(printf %08d $STEPS).bin"
+                    if [ -z "$ckpt" ] && [ -f "$f" ] && [ "$(model_of "${@:2}")" = "$shape" ]; then ckpt=$f from=" from $1"; fi
+                done
+                set -- $run; shift
+                [ -n "$ckpt" ] || { [ "$shape" = "-E1" ] && ckpt=d4 from=" from new"; }
+            fi
+            [ -n "$ckpt" ] && [ "$ckpt" = d4 -o -f "$ckpt" ] || { echo "run $name: not finished, not timed"; continue; }
             ./train_gpt2_moe_cpu -e "$ckpt" $SHAPE -x "${TIME_STEPS:-20}" -v 0 -s 0 "$@" -o "$tmp/$name" "${DATA[@]}" >"$tmp/out"
             ms=$(sed -n 's/^average step \([0-9.]*\) ms.*/\1/p' "$tmp/out")
             lsh_ms=$(grep -o 'lsh_ms:[0-9.]*' "$tmp/$name/main.log" | cut -d: -f2 | sort -g |
                      awk '{ v[NR] = $1 } END { print NR ? v[int(NR / 2) + 1] : "-" }')
-            echo "round $round ms $ms lsh_ms $lsh_ms" | tee -a "$OUT/$name/timing.txt" | sed "s/^/run $name: /"
+            mkdir -p "$OUT/$name"
+            echo "round $round ms $ms lsh_ms $lsh_ms$from" | tee -a "$OUT/$name/timing.txt" | sed "s/^/run $name: /"
             rm -rf "${tmp:?}/$name"
         done
     done
