@@ -274,7 +274,7 @@ def main():
     ax.set_xlabel("link speed per rank (GB/s)"); ax.set_ylabel("projected ms per step")
     ax.set_title("t = t_step (measured here) + bytes / link speed"); ax.legend(fontsize=7, ncol=2)
     fig.tight_layout(); fig.savefig(os.path.join(args.out, "step_time.png"), dpi=110); plt.close(fig)
-    if base:
+    if base and common > 0:  # at step 0 no run has trained yet: nothing to compare
         print()
         for r in runs:
             if r["run"] not in ("dense", BASELINE) and r["mb_per_step"] < base["mb_per_step"]:

@@ -68,6 +68,22 @@ gutenberg() {
     fi
     printf 's:0 trl:1.0 ce:1.0\ns:1 trl:oops\n' >"$tmp/bad.log"
     BIN=$PYTHON PREFIX=plots/ expect_error bad_log "bad.log:2: not a main.log line" dev/plot_log.py "$tmp/bad.log" -o "$tmp/bad.png"
+    # a run just started (its log at step 0) beside finished ones: the table is at step 0 and
+    # there is no crossover to print (a run in progress must not stop the plots). The val losses
+    # are set so that moe_e8k1 falls by 0.1 by step 2 and reaches lsh20's step-0 loss at step 1:
+    # the crossovers, were they computed, would divide by the zero steps of the common point
+    mkdir -p "$tmp/early/new" "$tmp/early/lsh20" "$tmp/early/moe_e8k1" && grep '^s:0 ' "$out/lsh20/main.log" >"$tmp/early/new/main.log"
+    base0=$(grep '^s:0 tel:' "$out/moe_e8k1/main.log" | cut -d: -f3)
+    for r in moe_e8k1 lsh20; do
+        awk -v v="$base0" -v r=$r '/^s:0 tel:/ && r == "lsh20" { printf "s:0 tel:%.6f\n", v - 0.05; next }
+            /^s:2 tel:/ && r == "moe_e8k1" { printf "s:2 tel:%.6f\n", v - 0.1; next } { print }' "$out/$r/main.log" >"$tmp/early/$r/main.log"
+    done
+    if "$PYTHON" dev/plot_gutenberg.py "$tmp/early" -o "$tmp/early_plots" --tokens 128 >"$tmp/p4" 2>&1 &&
+       grep -q '^val loss at step 0 ' "$tmp/p4" && ! grep -q 'saves' "$tmp/p4"; then
+        echo "ok   plots/plot_gutenberg a run at step 0 beside a finished one: table at step 0, no crossovers"
+    else
+        echo "FAIL plots/plot_gutenberg with a run at step 0: $(tail -n 2 "$tmp/p4" | tr '\n' ' ' | head -c 300)"
+    fi
     # runs lost with their folders: --earlier takes lsh10 and dense from the table above, and TIME=1
     # times lsh10 from the first finished E=8 K=1 run's checkpoint (moe_e8k1), dense from new weights
     cp -r "$tmp/plots" "$tmp/before"
