@@ -92,6 +92,8 @@ static inline int gpt2_config_from_descriptor(GPT2Config* c, const char* descrip
     return 0;
 }
 
+#define MAX_EXPERTS 4096 // per layer; the trainers keep per-expert lists of this size on the stack
+
 // validates a config and explains the first problem in err; 0 if valid
 static inline int gpt2_config_check(const GPT2Config* c, char* err, size_t errlen) {
     if (c->max_seq_len <= 0 || c->max_seq_len > (1 << 20)) { snprintf(err, errlen, "maxT=%d out of range", c->max_seq_len); return -1; }
@@ -101,7 +103,7 @@ static inline int gpt2_config_check(const GPT2Config* c, char* err, size_t errle
     if (c->channels <= 0 || c->channels > 65536) { snprintf(err, errlen, "C=%d out of range", c->channels); return -1; }
     if (c->num_heads <= 0 || c->channels % c->num_heads != 0) { snprintf(err, errlen, "NH=%d must divide C=%d", c->num_heads, c->channels); return -1; }
     if (c->num_experts > 1) {
-        if (c->num_experts > 4096) { snprintf(err, errlen, "E=%d out of range", c->num_experts); return -1; }
+        if (c->num_experts > MAX_EXPERTS) { snprintf(err, errlen, "E=%d out of range", c->num_experts); return -1; }
         if (c->top_k < 1 || c->top_k > c->num_experts) { snprintf(err, errlen, "top-k K=%d must be in [1, E=%d]", c->top_k, c->num_experts); return -1; }
         if (c->moe_every < 1 || c->moe_every > c->num_layers) { snprintf(err, errlen, "moe_every=%d must be in [1, L=%d]", c->moe_every, c->num_layers); return -1; }
         if (c->expert_hidden <= 0 || c->expert_hidden > (1 << 20)) { snprintf(err, errlen, "expert hidden H=%d out of range", c->expert_hidden); return -1; }

@@ -703,6 +703,17 @@ void moe_rows_to_sources(float* out, const float* in, const int* perm, int R, in
     for (int i = 0; i < R; i++) { memcpy(out + (size_t)i * C, in + (size_t)perm[i] * C, C * sizeof(float)); }
 }
 
+// the experts' indices, most rows first (insertion sort, stable): run side by side, the big ones
+// start first and the small ones fill in behind them (largest-first scheduling), so that no thread
+// is left alone with a big one at the end (MoE d6 E=8 K=1 B=4: ~6 ms of a 350 ms step)
+static void experts_by_rows(int* order, const int* expert_offsets, int E) { // (E), (E+1)
+    for (int i = 0; i < E; i++) {
+        int rows = expert_offsets[i + 1] - expert_offsets[i], j = i;
+        for (; j > 0 && expert_offsets[order[j - 1] + 1] - expert_offsets[order[j - 1]] < rows; j--) { order[j] = order[j - 1]; }
+        order[j] = i;
+    }
+}
+
 // each expert is a GPT-2 MLP: y = W2 gelu(W1 x + b1) + b2, over its own rows
 void moe_experts_forward(float* exph, float* exph_gelu, float* expout, // (R,H), (R,H), (R,C)
                          const float* expin, const int* expert_offsets, // (R,C), (E+1)
@@ -710,10 +721,12 @@ void moe_experts_forward(float* exph, float* exph_gelu, float* expout, // (R,H),
                          const float* expprojw, const float* expprojb, // (E,C,H), (E,C)
                          int E, int C, int H) {
     // experts side by side, one thread each (the matmuls and GELU inside run on that thread): an
-    // expert's few rows are too small a matmul to split well over threads
+    // expert's few rows are too small a matmul to split well over threads; the biggest first
+    int order[MAX_EXPERTS];
+    experts_by_rows(order, expert_offsets, E);
     #pragma omp parallel for schedule(dynamic, 1)
-    for (int e = 0; e < E; e++) {
-        int r0 = expert_offsets[e], n = expert_offsets[e + 1] - r0;
+    for (int i = 0; i < E; i++) {
+        int e = order[i], r0 = expert_offsets[e], n = expert_offsets[e + 1] - r0;
         if (n == 0) { continue; }
         matmul_forward(exph + (size_t)r0 * H, expin + (size_t)r0 * C, expfcw + (size_t)e * H * C, expfcb + e * H, n, C, H);
         gelu_forward(exph_gelu + (size_t)r0 * H, exph + (size_t)r0 * H, n * H);
@@ -728,9 +741,11 @@ void moe_experts_backward(float* dexpin, float* dexph, float* dexph_gelu, // (R,
                           const int* expert_offsets, // (E+1)
                           const float* expfcw, const float* expprojw, // (E,H,C), (E,C,H)
                           int E, int C, int H) {
+    int order[MAX_EXPERTS];
+    experts_by_rows(order, expert_offsets, E);
     #pragma omp parallel for schedule(dynamic, 1)
-    for (int e = 0; e < E; e++) {
-        int r0 = expert_offsets[e], n = expert_offsets[e + 1] - r0;
+    for (int i = 0; i < E; i++) {
+        int e = order[i], r0 = expert_offsets[e], n = expert_offsets[e + 1] - r0;
         if (n == 0) { continue; }
         matmul_backward(dexph_gelu + (size_t)r0 * H, dexpprojw + (size_t)e * C * H, dexpprojb + e * C,
                         dexpout + (size_t)r0 * C, exph_gelu + (size_t)r0 * H, expprojw + (size_t)e * C * H, n, H, C);

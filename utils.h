@@ -30,6 +30,7 @@ rather than exited on, so that comm_check_all (comm.h) can stop every rank with 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h> // madvise
 #include <time.h>
 #include <unistd.h>
 
@@ -73,9 +74,26 @@ static inline void warn(const char* fmt, ...) {
 // ----------------------------------------------------------------------------
 // checked calls: each names the call, the file and the line that failed
 
+// Big buffers (the parameters, their gradients, AdamW's moments, the activations) go on 2 MiB
+// transparent huge pages where the kernel offers them only on request ('madvise', Debian's
+// default): before a page is touched, so the first touch maps 2 MiB at once. The passes that
+// stream every parameter each step then miss the TLB 512x less often (AdamW of MoE d6 E=8: 54 ->
+// 47 ms of a 365 ms step, README "Benchmark"), and startup takes 30x fewer page faults.
+static inline void advise_huge_pages(void* ptr, size_t size) {
+#ifdef MADV_HUGEPAGE
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    if (ptr == NULL || size < 4 * huge) { return; }
+    uintptr_t from = ((uintptr_t)ptr + huge - 1) & ~(huge - 1), to = ((uintptr_t)ptr + size) & ~(huge - 1);
+    madvise((void*)from, to - from, MADV_HUGEPAGE); // a hint: where it fails, pages stay 4 KiB
+#else
+    (void)ptr, (void)size;
+#endif
+}
+
 static inline void* malloc_check(size_t size, const char* file, int line) {
     void* ptr = malloc(size);
     if (ptr == NULL && size > 0) { fail_exit("malloc of %zu bytes failed at %s:%d", size, file, line); }
+    advise_huge_pages(ptr, size);
     return ptr;
 }
 #define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
@@ -83,6 +101,7 @@ static inline void* malloc_check(size_t size, const char* file, int line) {
 static inline void* calloc_check(size_t n, size_t size, const char* file, int line) {
     void* ptr = calloc(n, size);
     if (ptr == NULL && n * size > 0) { fail_exit("calloc of %zu bytes failed at %s:%d", n * size, file, line); }
+    advise_huge_pages(ptr, n * size);
     return ptr;
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
