@@ -73,12 +73,10 @@ if [ "${TIME:-0}" = 1 ]; then
             ckpt="$OUT/$name/model_$(printf %08d $STEPS).bin" from=""
             if [ ! -f "$ckpt" ] && [ ! -f "$OUT/$name/main.log" ]; then # lost: borrow a checkpoint
                 ckpt="" shape=$(model_of "$@")
-                for other in "${ALL_RUNS[@]}"; do
-                    set -- $other
-                    f="$OUT/$1/model_$(printf %08d $STEPS).bin"
-                    if [ -z "$ckpt" ] && [ -f "$f" ] && [ "$(model_of "${@:2}")" = "$shape" ]; then ckpt=$f from=" from $1"; fi
+                for other in "${ALL_RUNS[@]}"; do # "name flags..."
+                    f="$OUT/${other%% *}/model_$(printf %08d $STEPS).bin"
+                    if [ -z "$ckpt" ] && [ -f "$f" ] && [ "$(model_of "${other#* }")" = "$shape" ]; then ckpt=$f from=" from ${other%% *}"; fi
                 done
-                set -- $run; shift
                 [ -n "$ckpt" ] || { [ "$shape" = "-E1" ] && ckpt=d4 from=" from new"; }
             fi
             [ -n "$ckpt" ] && [ "$ckpt" = d4 -o -f "$ckpt" ] || { echo "run $name: not finished, not timed"; continue; }
