@@ -80,10 +80,13 @@ test_moe_noblas: test_moe.c train_gpt2_moe.c $(TEST_HEADERS)
 train_gpt2_moe_cpu_noblas: train_gpt2_moe.c $(HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-# the trainer's matmuls against bare sgemm (make bench-cpu), and a step's time phase by phase
+# the trainer's matmuls against bare sgemm (make bench-cpu), a step's time phase by phase, and the
+# MLPs of an MoE step against the dense ones
 dev/bench_matmul: dev/bench_matmul.c train_gpt2_moe.c $(HEADERS)
 	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 dev/profile_step: dev/profile_step.c train_gpt2_moe.c $(HEADERS)
+	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
+dev/bench_experts: dev/bench_experts.c train_gpt2_moe.c $(HEADERS)
 	$(CC) $(CFLAGS) $(CPU_BLAS) $< -o $@ $(LDLIBS) $(CPU_BLAS_LIBS)
 # the Gutenberg study's LSH gradients against the exact ones (README)
 dev/lsh_grad_error: dev/lsh_grad_error.c train_gpt2_moe.c $(HEADERS)
@@ -194,7 +197,7 @@ endif
 # when torch is installed, else uses the ones committed in dev/reference/states
 # (the MPI tests join when mpicc is installed, and report themselves skipped otherwise)
 MPI_TEST_TARGETS := $(if $(MPICC),test_moe_mpi train_gpt2_moe_mpi,)
-test: test_moe $(if $(CPU_BLAS),test_moe_noblas,) test_moe_f64 dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) $(EMU_TARGETS) train_gpt2_moe_cpu dev/lsh_grad_error dev/data/tokenize $(MPI_TEST_TARGETS)
+test: test_moe $(if $(CPU_BLAS),test_moe_noblas,) test_moe_f64 dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) $(EMU_TARGETS) train_gpt2_moe_cpu dev/lsh_grad_error dev/profile_step dev/bench_experts dev/data/tokenize $(MPI_TEST_TARGETS)
 	PYTHON=$(PYTHON) NVCC=$(NVCC) bash dev/run_tests.sh
 
 # on a machine with a GPU: the same tests, compiled by nvcc, on the device
@@ -210,7 +213,7 @@ endif
 
 bench: bench-cpu
 
-bench-cpu: train_gpt2_moe_cpu train_gpt2_moe_cpu_noblas dev/profile_step $(if $(CPU_BLAS),dev/bench_matmul,) $(if $(MPICC),train_gpt2_moe_mpi,)
+bench-cpu: train_gpt2_moe_cpu train_gpt2_moe_cpu_noblas dev/profile_step dev/bench_experts $(if $(CPU_BLAS),dev/bench_matmul,) $(if $(MPICC),train_gpt2_moe_mpi,)
 	bash dev/bench_cpu.sh
 
 data: dev/data/tokenize
@@ -219,4 +222,4 @@ data: dev/data/tokenize
 clean:
 	rm -f train_gpt2_moe_cpu train_gpt2_moe_mpi test_moe test_moe_noblas test_moe_f64 test_moe_mpi dev/data/tokenize dev/test_dataloader dev/test_lshmoe $(ASAN_TARGETS) dev/cuda/test_emu dev/cuda/test_emu_asan dev/cuda/test_emu_gpu $(LSH_KERNELS_GPU) $(LSH_KERNELS_EMU) \
 	      train_gpt2_moe train_gpt2_moe_emu train_gpt2_moe_emu_fp32 train_gpt2_moe_emu_mpi test_moe_emu test_moe_emu_bf16 test_moe_emu_asan test_moe_gpu \
-	      train_gpt2_moe_cpu_noblas dev/bench_matmul dev/profile_step dev/lsh_grad_error
+	      train_gpt2_moe_cpu_noblas dev/bench_matmul dev/profile_step dev/bench_experts dev/lsh_grad_error

@@ -5,7 +5,8 @@
 #      alternating run by run so that drift (thermal, noisy neighbours) falls on both;
 #   2. the trainer's matmuls against OpenBLAS's own sgemm on the same shapes (dev/bench_matmul);
 #   3. MoE d6 (E=8, top-1 and top-2, dropless) per token against dense, and top-1 again at 4B
-#      (the optimizer's passes over all E experts' weights cost the same per step at any batch);
+#      (the optimizer's passes over all E experts' weights cost the same per step at any batch),
+#      and the MLPs alone: 8 experts' matmuls on B*T/8 rows each against the dense ones on B*T;
 #   4. the MPI path: W=2 processes x 1 thread against W=1 x 2 threads, the same global batch.
 # Active FLOPs per token = 6 * (parameters a token touches) + 12 * L * C * T (attention), as
 # llm.c counts them: an MoE with E experts and top-k touches k experts' MLPs, not E.
@@ -107,6 +108,10 @@ moe_rows() { # batch names...: the first name is the baseline
 }
 moe_rows "$B" dense_d6_blas moe_E8_k1 moe_E8_k2
 moe_rows $((4 * B)) dense_d6_4B moe_E8_k1_4B
+if [ -x dev/bench_experts ]; then # the MLPs alone: an expert's matmuls on B*T/8 rows against the dense ones on B*T
+    echo "the MLPs alone, the same FLOPs, 8 experts of B*T/8 rows against the dense MLP (dev/bench_experts):"
+    for b in "$B" $((4 * B)); do OMP_NUM_THREADS=$THREADS dev/bench_experts 6 384 "$b" "$T" 8 | head -1 | sed "s/^/B=$b: /"; done
+fi
 
 echo
 echo "4. MPI: MoE d6 E=8 top-1, W=2 processes x 1 thread against W=1 x $THREADS threads, global batch $B x $T"

@@ -148,3 +148,24 @@ else
     fi
     BIN=bash PREFIX=dev/perf_phases/ expect_error no_binary "is not an executable" dev/perf_phases.sh "$tmp/none"
 fi
+
+# make bench-cpu's step profile and MLP comparison on tiny shapes: their lines, and bad arguments
+# give one error line
+if [ -x dev/profile_step ] && [ -x dev/bench_experts ]; then
+    if dev/profile_step d4 1 16 4 1 1 >"$tmp/prof" 2>&1 && grep -q "E=4 K=1" "$tmp/prof" && grep -qE "^adamw +[0-9.]+ ms" "$tmp/prof" &&
+       grep -qE "^step +[0-9.]+ ms" "$tmp/prof"; then
+        echo "ok   dev/profile_step d4 MoE: $(grep '^step' "$tmp/prof" | tr -s ' ')"
+    else
+        echo "FAIL dev/profile_step: $(head -c 300 "$tmp/prof")"
+    fi
+    line=$(dev/bench_experts 1 64 2 32 4 1 2>&1)
+    if [[ "$line" =~ ^MLPs\ of\ L=1\ layers,\ N=64\ rows,\ C=64,\ H=256:\ dense\ [0-9.]+\ ms.*E=4\ experts\ of\ ~16\ rows\ [0-9.]+\ ms ]]; then
+        echo "ok   dev/bench_experts tiny: $line"
+    else
+        echo "FAIL dev/bench_experts: $line"
+    fi
+    BIN=dev/bench_experts PREFIX=dev/bench_experts/ expect_error more_experts_than_rows "bad L, C, B\*T, E" 1 64 1 2 8
+    BIN=dev/profile_step PREFIX=dev/profile_step/ expect_error bad_descriptor "is not a descriptor" d5 1 16
+else
+    echo "FAIL dev/profile_step, dev/bench_experts: not built (make test builds them)"
+fi
