@@ -134,15 +134,16 @@ for script in scripts/*.sh; do
 done
 
 # dev/perf_phases.sh (the profile by phase in README "Benchmark") on a few d4 steps: the phases'
-# shares add up to 100% and the matmuls lead; a missing binary gives one error line
+# shares add up to 100% and the matmuls are among them (a short run's startup, page faults
+# included, can outweigh them); a missing binary gives one error line
 if ! command -v perf >/dev/null || ! perf record -q -o "$tmp/perf.data" true >/dev/null 2>&1; then
     echo "skip dev/perf_phases (no perf, or perf may not record here)"
 elif [ ! -x ./train_gpt2_moe_cpu ]; then
     echo "FAIL dev/perf_phases: no ./train_gpt2_moe_cpu (run_gutenberg.sh builds it)"
 else
     DELAY=0 bash dev/perf_phases.sh ./train_gpt2_moe_cpu -e d4 -E 4 -K 1 -b 2 -t 64 -x 4 -v 0 -s 0 -W 0 >"$tmp/phases" 2>&1
-    if awk '{ sum += $1 } NR == 1 && !/matmuls/ { bad = 1 } END { exit bad || NR < 4 || sum < 99.5 || sum > 100.5 }' "$tmp/phases"; then
-        echo "ok   dev/perf_phases d4 MoE: $(head -2 "$tmp/phases" | tr -s ' ' | tr '\n' ';')"
+    if awk '{ sum += $1 } /matmuls/ && $1 + 0 >= 5 { mm = 1 } END { exit !mm || NR < 4 || sum < 99.5 || sum > 100.5 }' "$tmp/phases"; then
+        echo "ok   dev/perf_phases d4 MoE: $(head -3 "$tmp/phases" | tr -s ' ' | tr '\n' ';')"
     else
         echo "FAIL dev/perf_phases: $(head -c 400 "$tmp/phases")"
     fi
