@@ -11,6 +11,17 @@ Usage: dev/bench_experts L C B T E [reps]   (e.g. 6 384 4 64 8 for MoE d6 E=8 at
 #define TESTING
 #include "../train_gpt2_moe.c"
 
+// L x E MLPs' weights (or their gradients), carved in this order out of an allocation from at;
+// returns where the next tensor starts
+typedef struct { float* fcw; float* projw; float* fcb; float* projb; } MLPs; // (L,E,H,C), (L,E,C,H), (L,E,H), (L,E,C)
+static float* point_mlps(MLPs* m, float* at, size_t LE, int C, int H) {
+    m->fcw = at; at += LE * H * C;
+    m->projw = at; at += LE * C * H;
+    m->fcb = at; at += LE * H;
+    m->projb = at; at += LE * C;
+    return at;
+}
+
 int main(int argc, char** argv) {
     if (argc < 6) { fprintf(stderr, "usage: %s L C B T E [reps]\n", argv[0]); return 1; }
     int L = atoi(argv[1]), C = atoi(argv[2]), N = atoi(argv[3]) * atoi(argv[4]), E = atoi(argv[5]);
@@ -21,23 +32,16 @@ int main(int argc, char** argv) {
     }
     // one allocation carved into the tensors: random weights, inputs and output gradients first,
     // then zeroed gradients and scratch
-    size_t WH = (size_t)H * C; // one weight matrix of an MLP
-    size_t n_random = 2 * (size_t)L * E * WH + (size_t)L * E * (H + C) + 2 * (size_t)N * C;
-    size_t n_zero = 2 * (size_t)L * E * WH + (size_t)L * E * (H + C) + 4 * (size_t)N * H + 2 * (size_t)N * C;
+    size_t LE = (size_t)L * E, mlps = LE * (2 * (size_t)H * C + H + C);
+    size_t n_random = mlps + 2 * (size_t)N * C, n_zero = mlps + 4 * (size_t)N * H + 2 * (size_t)N * C;
     float* mem = (float*)callocCheck(n_random + n_zero, sizeof(float));
     uint64_t rng = 1337;
     normal_fill(mem, n_random, 0.02f, &rng);
-    float* p = mem;
-    float* fcw = p; p += (size_t)L * E * WH; // (L,E,H,C)
-    float* projw = p; p += (size_t)L * E * WH; // (L,E,C,H)
-    float* fcb = p; p += (size_t)L * E * H; // (L,E,H)
-    float* projb = p; p += (size_t)L * E * C; // (L,E,C)
+    MLPs w, g; // the weights and their gradients
+    float* p = point_mlps(&w, mem, LE, C, H);
     float* x = p; p += (size_t)N * C; // (N,C)
     float* dy = p; p += (size_t)N * C; // (N,C)
-    float* dfcw = p; p += (size_t)L * E * WH; // (L,E,H,C)
-    float* dprojw = p; p += (size_t)L * E * WH; // (L,E,C,H)
-    float* dfcb = p; p += (size_t)L * E * H; // (L,E,H)
-    float* dprojb = p; p += (size_t)L * E * C; // (L,E,C)
+    p = point_mlps(&g, p, LE, C, H);
     float* h = p; p += (size_t)N * H; // (N,H)
     float* hg = p; p += (size_t)N * H; // (N,H)
     float* dh = p; p += (size_t)N * H; // (N,H)
@@ -51,23 +55,22 @@ int main(int argc, char** argv) {
     for (int r = 0; r <= reps; r++) { // r = 0 warms up (first touch, OpenBLAS's threads)
         double t0 = now_seconds();
         for (int l = 0; l < L; l++) { // the dense MLPs: layer l's first expert's weights, all N rows
-            size_t w = (size_t)l * E * WH;
-            matmul_forward(h, x, fcw + w, fcb + (size_t)l * E * H, N, C, H);
+            size_t m = (size_t)l * E * H * C, hb = (size_t)l * E * H, cb = (size_t)l * E * C; // layer l's offsets
+            matmul_forward(h, x, w.fcw + m, w.fcb + hb, N, C, H);
             gelu_forward(hg, h, N * H);
-            matmul_forward(y, hg, projw + w, projb + (size_t)l * E * C, N, H, C);
+            matmul_forward(y, hg, w.projw + m, w.projb + cb, N, H, C);
             memset(dhg, 0, (size_t)N * H * sizeof(float));
-            matmul_backward(dhg, dprojw + w, dprojb + (size_t)l * E * C, dy, hg, projw + w, N, H, C);
+            matmul_backward(dhg, g.projw + m, g.projb + cb, dy, hg, w.projw + m, N, H, C);
             gelu_backward(dh, h, dhg, N * H);
-            matmul_backward(dx, dfcw + w, dfcb + (size_t)l * E * H, dh, x, fcw + w, N, C, H);
+            matmul_backward(dx, g.fcw + m, g.fcb + hb, dh, x, w.fcw + m, N, C, H);
         }
         double t1 = now_seconds();
         for (int l = 0; l < L; l++) { // the experts: E of them, N/E rows each
-            size_t w = (size_t)l * E * WH;
-            moe_experts_forward(h, hg, y, x, offsets, fcw + w, fcb + (size_t)l * E * H, projw + w,
-                                projb + (size_t)l * E * C, E, C, H);
+            size_t m = (size_t)l * E * H * C, hb = (size_t)l * E * H, cb = (size_t)l * E * C;
+            moe_experts_forward(h, hg, y, x, offsets, w.fcw + m, w.fcb + hb, w.projw + m, w.projb + cb, E, C, H);
             memset(dhg, 0, (size_t)N * H * sizeof(float));
-            moe_experts_backward(dx, dh, dhg, dfcw + w, dfcb + (size_t)l * E * H, dprojw + w, dprojb + (size_t)l * E * C,
-                                 dy, x, h, hg, offsets, fcw + w, projw + w, E, C, H);
+            moe_experts_backward(dx, dh, dhg, g.fcw + m, g.fcb + hb, g.projw + m, g.projb + cb,
+                                 dy, x, h, hg, offsets, w.fcw + m, w.projw + m, E, C, H);
         }
         double t2 = now_seconds();
         if (r > 0 && t1 - t0 < best_dense) { best_dense = t1 - t0; }

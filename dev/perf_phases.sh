@@ -10,10 +10,11 @@ set -eu
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [trainer flags]" >&2; exit 1; }
 command -v perf >/dev/null || { echo "error: perf_phases.sh needs perf (Debian: apt-get install linux-perf)" >&2; exit 1; }
 [ -x "$1" ] || { echo "error: perf_phases.sh: $1 is not an executable" >&2; exit 1; }
+DELAY=${DELAY:-5000}
+[[ "$DELAY" =~ ^[0-9]{1,7}$ ]] || { echo "error: perf_phases.sh: DELAY=$DELAY is not a number of ms" >&2; exit 1; }
+delay=(); [ "$DELAY" -gt 0 ] && delay=(-D "$DELAY") # perf refuses -D 0
 data=$(mktemp)
 trap 'rm -f "$data"' EXIT
-[[ "${DELAY:-5000}" =~ ^[0-9]{1,7}$ ]] || { echo "error: perf_phases.sh: DELAY=$DELAY is not a number of ms" >&2; exit 1; }
-delay=(); [ "${DELAY:-5000}" -gt 0 ] && delay=(-D "${DELAY:-5000}") # perf refuses -D 0
 perf record -q "${delay[@]}" -o "$data" "$@" >/dev/null 2>&1 || { echo "error: perf_phases.sh: perf record $* failed" >&2; exit 1; }
 perf report -i "$data" --no-children --sort dso,symbol --stdio -F overhead,dso,sym -t '|' 2>/dev/null |
     awk -F'|' '

@@ -145,7 +145,7 @@ else
     if awk '{ sum += $1 } /matmuls/ && $1 + 0 >= 5 { mm = 1 } END { exit !mm || NR < 4 || sum < 99.5 || sum > 100.5 }' "$tmp/phases"; then
         echo "ok   dev/perf_phases d4 MoE: $(head -3 "$tmp/phases" | tr -s ' ' | tr '\n' ';')"
     else
-        echo "FAIL dev/perf_phases: $(head -c 400 "$tmp/phases")"
+        echo "FAIL dev/perf_phases: $(tr -s ' \n' ' ;' <"$tmp/phases" | head -c 400)"
     fi
     BIN=bash PREFIX=dev/perf_phases/ expect_error no_binary "is not an executable" dev/perf_phases.sh "$tmp/none"
 fi
